@@ -1,0 +1,12 @@
+"""crm_d2: the Continuous Refinement Model (CRM, CVPR 2022) as a fast toolkit and a Detectron2 extension.
+
+    from crm_d2 import Refiner
+    refiner = Refiner(weights="demo")          # or a checkpoint path, device="cuda"
+    prob = refiner.refine(image_rgb, mask)     # HxW float32 in [0, 1]
+"""
+from .checkpoint import load_model, save_checkpoint
+from .model import CRM, CRMConfig
+from .refiner import Refiner
+
+__version__ = "0.1.0"
+__all__ = ["CRM", "CRMConfig", "Refiner", "load_model", "save_checkpoint"]

@@ -1,0 +1,42 @@
+"""`crm-d2` command line: one entry point, one module per subcommand in `crm_d2.commands`.
+
+Each command module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`.
+"""
+import argparse
+import importlib
+import sys
+
+# Order is the order shown by `crm-d2 --help`.
+COMMANDS = ["demo", "refine", "eval", "panoptic", "instances", "pq", "train"]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="crm-d2", description="Continuous Refinement Model toolkit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"crm_d2.commands.{name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # User-facing errors from the library carry their own explanation.
+        print(f"crm-d2 {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

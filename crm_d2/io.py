@@ -1,0 +1,113 @@
+"""Image/mask reading and crash-safe writing shared by every command.
+
+Images are returned as RGB uint8 everywhere in crm_d2: OpenCV's BGR stops at this module.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_image(path):
+    """Read a colour image as HxWx3 uint8 RGB; raise ValueError naming the file if it cannot be decoded."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"cannot decode image {path} (corrupt or unsupported format)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path):
+    """Read a single-channel mask as HxW uint8 (colour files are converted to grey)."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"mask not found: {path}")
+    m = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if m is None:
+        raise ValueError(f"cannot decode mask {path} (corrupt or unsupported format)")
+    if m.ndim == 3:
+        m = cv2.cvtColor(m[..., :3], cv2.COLOR_BGR2GRAY)
+    if m.dtype == np.uint16:
+        m = (m >> 8).astype(np.uint8)
+    return m
+
+
+def _atomic(path, write_fn, suffix):
+    """Write through a temporary file in the same folder and rename: a killed run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_png(path, array, rgb=True):
+    """Atomically write a uint8 mask (HxW) or RGB picture (HxWx3) as PNG."""
+    array = np.ascontiguousarray(array)
+    if array.ndim == 3 and rgb:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+
+    def write(tmp):
+        if not cv2.imwrite(tmp, array):
+            raise ValueError(f"could not encode PNG for {path}")
+
+    _atomic(path, write, ".png")
+
+
+def write_image(path, array_rgb):
+    """Atomically write an RGB picture; the format follows the file extension."""
+    suffix = Path(path).suffix or ".png"
+    bgr = cv2.cvtColor(np.ascontiguousarray(array_rgb), cv2.COLOR_RGB2BGR)
+
+    def write(tmp):
+        if not cv2.imwrite(tmp, bgr):
+            raise ValueError(f"could not encode image for {path}")
+
+    _atomic(path, write, suffix)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+
+    _atomic(path, write, ".json")
+
+
+def list_big(folder):
+    """Names of BIG-layout triplets (NAME_im.jpg, NAME_seg.png, NAME_gt.png) in a folder.
+
+    Returns a sorted list of dicts with keys name, image, seg, gt (gt may be None when absent).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"BIG folder not found: {folder}")
+    items = []
+    for seg in sorted(folder.glob("*_seg.png")):
+        name = seg.name[: -len("_seg.png")]
+        image = None
+        for ext in (".jpg", ".jpeg", ".png"):
+            cand = folder / f"{name}_im{ext}"
+            if cand.exists():
+                image = cand
+                break
+        if image is None:
+            raise FileNotFoundError(f"{seg.name} has no image {name}_im.jpg in {folder}")
+        gt = folder / f"{name}_gt.png"
+        items.append({"name": name, "image": image, "seg": seg, "gt": gt if gt.exists() else None})
+    if not items:
+        raise FileNotFoundError(f"no BIG-layout triplets (NAME_im.jpg, NAME_seg.png) in {folder}")
+    return items

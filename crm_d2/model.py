@@ -1,0 +1,302 @@
+"""The CRM network: dilated ResNet encoder, 1x1 "ASPP" neck, LIIF implicit decoder.
+
+Module and parameter names follow the authors' release (`feats`, `aspp_`, `imnet`) so that their checkpoint
+loads without renaming. layer4 is not built: the release computes it and never uses it.
+
+The decoder is evaluated in a factored but exact form. The MLP's first layer is linear, so
+    W1 @ [feat(z), rel_coord, coord, rel_cell] = (W1_feat @ F)(z) + W1_rel @ rel_coord + W1_coord @ coord + c:
+we project the 256-d feature map to 32-d once (`project`), gather 32-d vectors instead of 256-d ones, and add
+the position terms, which depend on the query row or the query column only. See `decode_rows`.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The four LIIF neighbours as (row, column) shifts, in the release's order; weights swap 0<->3 and 1<->2.
+SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
+_EPS_SHIFT = 1e-6
+
+
+@dataclass
+class CRMConfig:
+    """Architecture of a CRM network; the default is the released ResNet-50 model."""
+
+    layers: tuple = (3, 4, 6)  # bottleneck blocks in layer1..layer3
+    width: int = 64  # stem channels; layerK outputs 4 * width * 2**(K-1)
+    hidden: int = 32  # MLP width
+    depth: int = 4  # MLP hidden layers
+    dropout: float = 0.5
+
+    PRESETS = {
+        "r50": dict(layers=(3, 4, 6), width=64),
+        # Narrow and shallow: a few MB, for CPU demos and fast tests.
+        "tiny": dict(layers=(1, 1, 2), width=32),
+    }
+
+    def __post_init__(self):
+        self.layers = tuple(int(n) for n in self.layers)
+        if len(self.layers) != 3 or min(self.layers) < 1:
+            raise ValueError(f"layers must be three positive block counts, got {self.layers}")
+        if self.width < 4 or self.hidden < 1 or self.depth < 1:
+            raise ValueError(f"invalid CRM config {self.to_dict()}")
+
+    @classmethod
+    def preset(cls, name):
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown CRM preset {name!r}; known: {sorted(cls.PRESETS)}")
+        return cls(**cls.PRESETS[name])
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        if "preset" in d:
+            base = cls.PRESETS[d.pop("preset")] if d.get("preset") else {}
+            d = {**base, **d}
+        unknown = set(d) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown CRM config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self):
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @property
+    def feat_dim(self):
+        return 4 * self.width
+
+
+
+# ----------------------------------------------------------------------------------------------- encoder
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class Encoder(nn.Module):
+    """ResNet to layer3 at output stride 8 (layer3 dilated), 4 input channels (RGB + mask)."""
+
+    def __init__(self, layers, width):
+        super().__init__()
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(4, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+        # As released: the first block of a dilated layer is not dilated.
+        self.layer3 = self._make_layer(width * 4, layers[2], dilation=2)
+
+    def _make_layer(self, planes, blocks, stride=1, dilation=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
+        mods = [Bottleneck(self.inplanes, planes, stride, 1, downsample)]
+        self.inplanes = planes * 4
+        mods += [Bottleneck(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*mods)
+
+    def forward(self, x):
+        x1 = self.relu(self.bn1(self.conv1(x)))  # stride 2
+        x2 = self.layer1(self.maxpool(x1))  # stride 4
+        x3 = self.layer3(self.layer2(x2))  # stride 8
+        return x1, x2, x3
+
+
+# ----------------------------------------------------------------------------------------------- neck
+class _ConvBN(nn.Module):
+    """1x1 conv + BN + ReLU with the release's parameter names (`atrous_conv`, `bn`)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.atrous_conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.atrous_conv(x)), inplace=True)
+
+
+class Neck(nn.Module):
+    """Fuses the three encoder levels into one feature map at stride 2 (the release's `ASPP_no4level`).
+
+    Attribute names carry the released model's channel counts (128/256/1024) whatever the width, so that
+    every variant shares one key layout.
+    """
+
+    def __init__(self, width, dropout):
+        super().__init__()
+        w = width
+        self.aspp1_128 = _ConvBN(w, w)
+        self.aspp1_256 = _ConvBN(4 * w, w)
+        self.aspp1_1024 = _ConvBN(16 * w, 2 * w)
+        self.bn1_128 = nn.BatchNorm2d(w)
+        self.bn1_256 = nn.BatchNorm2d(w)
+        self.bn1_1024 = nn.BatchNorm2d(2 * w)
+        self.dropout = nn.Dropout(dropout)
+        self.last_conv = nn.Sequential(
+            nn.Conv2d(4 * w, 4 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4 * w),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+
+    def branch(self, x, conv, bn):
+        return self.dropout(F.relu(bn(conv(x)), inplace=True))
+
+    def forward(self, x1, x2, x3):
+        b1 = self.branch(x1, self.aspp1_128, self.bn1_128)
+        size = b1.shape[-2:]
+        b2 = F.interpolate(self.branch(x2, self.aspp1_256, self.bn1_256), size, mode="bilinear", align_corners=True)
+        b3 = F.interpolate(self.branch(x3, self.aspp1_1024, self.bn1_1024), size, mode="bilinear", align_corners=True)
+        return self.last_conv(torch.cat((b1, b2, b3), 1))
+
+
+class MLP(nn.Module):
+    def __init__(self, in_dim, hidden, depth):
+        super().__init__()
+        mods, last = [], in_dim
+        for _ in range(depth):
+            mods += [nn.Linear(last, hidden), nn.ReLU()]
+            last = hidden
+        mods.append(nn.Linear(last, 1))
+        self.layers = nn.Sequential(*mods)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+# ----------------------------------------------------------------------------------------------- coordinates
+def make_coord(n, device=None):
+    """Centres of n equal cells spanning (-1, 1), computed as LIIF does so indices round identically."""
+    r = 1.0 / n
+    return -1 + r + (2 * r) * torch.arange(n, device=device, dtype=torch.float32)
+
+
+def axis_neighbours(n_out, n_feat, start=0, stop=None, n_query=None, device=None):
+    """Per-axis LIIF neighbour lookup for query centres start..stop of an n_out grid over an n_feat feature axis.
+
+    Returns the query coordinates q (L,), and for the shifts -1 and +1 the nearest feature indices (2, L) and
+    rel = (q - centre of that cell) * n_feat (2, L). Rows and columns are independent, which is what lets the
+    decoder work on separable terms instead of per-pixel coordinate tensors.
+    """
+    q = make_coord(n_out, device)[start:stop]
+    rad = 1.0 / n_feat
+    idx, rel = [], []
+    for v in (-1, 1):
+        qs = (q + (v * rad + _EPS_SHIFT)).clamp_(-1 + 1e-6, 1 - 1e-6)
+        # grid_sample(mode="nearest", align_corners=False): unnormalise, then round half to even.
+        i = torch.round(((qs + 1) * n_feat - 1) / 2).long().clamp_(0, n_feat - 1)
+        centre = -1 + rad + (2 * rad) * i.float()
+        idx.append(i)
+        rel.append((q - centre) * n_feat)
+    return q, torch.stack(idx), torch.stack(rel)
+
+
+# ----------------------------------------------------------------------------------------------- model
+class CRM(nn.Module):
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = cfg = cfg or CRMConfig()
+        self.feats = Encoder(cfg.layers, cfg.width)
+        self.aspp_ = Neck(cfg.width, cfg.dropout)
+        self.imnet = MLP(cfg.feat_dim + 6, cfg.hidden, cfg.depth)
+
+    def encode(self, x):
+        """x: Bx4xhxw (normalised RGB + mask in [-1, 1]) -> feature map Bx(4*width)xceil(h/2)xceil(w/2)."""
+        return self.aspp_(*self.feats(x))
+
+    def project(self, feat):
+        """Apply the feature part of the MLP's first layer once per feature cell: BxCxhxw -> Bxhxwx hidden."""
+        w = self.imnet.layers[0].weight[:, : self.cfg.feat_dim]
+        return torch.einsum("bchw,kc->bhwk", feat, w)
+
+    def decode_rows(self, proj, out_size, rows, cols=None):
+        """Logits of the query pixels rows x cols of an out_size grid, from a projected feature map.
+
+        proj: B x Hf x Wf x hidden (from `project`); rows/cols: (start, stop) ranges of the out_size grid
+        (cols None = all). Returns B x R x C logits. This is the LIIF local ensemble of the release, exactly.
+        """
+        H, W = out_size
+        _, Hf, Wf, _ = proj.shape
+        c0, c1 = cols if cols is not None else (0, W)
+        dev = proj.device
+        qy, iy, ry = axis_neighbours(H, Hf, rows[0], rows[1], device=dev)
+        qx, ix, rx = axis_neighbours(W, Wf, c0, c1, device=dev)
+
+        first = self.imnet.layers[0]
+        wpos = first.weight[:, self.cfg.feat_dim :].to(proj.dtype)  # columns: rel y, rel x, coord y, coord x, cell y, cell x
+        const = first.bias + wpos[:, 4] * (2.0 / H * Hf) + wpos[:, 5] * (2.0 / W * Wf)
+        # Separable position terms: (2, R, k) for rows and (2, C, k) for columns.
+        row_term = ry[..., None] * wpos[:, 0] + (qy[:, None] * wpos[:, 2])[None] + const
+        col_term = rx[..., None] * wpos[:, 1] + (qx[:, None] * wpos[:, 3])[None]
+        area_y, area_x = ry.abs(), rx.abs()
+
+        logits, weights = [], []
+        for vy, vx in SHIFTS:
+            a, b = (vy + 1) // 2, (vx + 1) // 2
+            h = proj[:, iy[a]][:, :, ix[b]]  # B x R x C x k
+            h = h + row_term[a][None, :, None] + col_term[b][None, None]
+            logits.append(self._mlp_tail(h))
+            weights.append(area_y[a][:, None] * area_x[b][None] + 1e-9)
+        total = weights[0] + weights[1] + weights[2] + weights[3]
+        out = 0
+        for k in range(4):  # each neighbour is weighted by the area of the diagonally opposite one
+            out = out + logits[k] * (weights[3 - k] / total)
+        return out
+
+    def _mlp_tail(self, h):
+        layers = self.imnet.layers
+        h = torch.relu(h)
+        for i in range(2, len(layers), 2):
+            h = layers[i](h)
+            if i + 1 < len(layers):
+                h = torch.relu(h)
+        return h[..., 0]
+
+    def forward(self, x, out_size=None):
+        """Training use: logits Bx1xHxW for every pixel of out_size (default: the input's size)."""
+        out_size = tuple(out_size or x.shape[-2:])
+        proj = self.project(self.encode(x))
+        return self.decode_rows(proj, out_size, (0, out_size[0]))[:, None]
+
+
+def normalize_image(image):
+    """Bx3xhxw RGB in [0, 1] -> ImageNet-normalised."""
+    mean = image.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = image.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (image - mean) / std
+
+
+def normalize_input(image, mask):
+    """image: Bx3xhxw RGB in [0, 1]; mask: Bx1xhxw in [0, 1] -> Bx4xhxw network input."""
+    return torch.cat((normalize_image(image), (mask - 0.5) / 0.5), 1)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())

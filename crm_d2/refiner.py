@@ -1,0 +1,270 @@
+"""`Refiner`: one class, one obvious call, that turns coarse masks into sharp ones at any resolution.
+
+The default reproduces the authors' released inference exactly (32-px reflect padding, ImageNet
+normalisation, scales 1/8..1, soft chaining between scales, every pixel decoded at every scale); the work is
+organised so that memory is bounded by a budget, not by the image size (see `_refine_stack`).
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_model
+from .model import CRM, CRMConfig, normalize_image
+
+PAD = 32
+DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)
+OUTPUTS = ("prob", "binary", "uint8")
+
+
+@dataclass
+class RoiBox:
+    """A crop (y0, y1, x0, x1) of the image in which one mask is refined."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def shape(self):
+        return self.y1 - self.y0, self.x1 - self.x0
+
+    @property
+    def slices(self):
+        return slice(self.y0, self.y1), slice(self.x0, self.x1)
+
+
+def roi_box(mask, margin=0.5, min_margin=16, quantum=32, min_size=64):
+    """Crop for ROI ("CRM*") refinement: the box of the mask's pixels >= 0.5 grown by a context margin.
+
+    `margin` is a fraction of the box's height/width added on each side (at least `min_margin` px); the crop
+    size is rounded up to a multiple of `quantum` so that crops of similar segments share a shape and batch
+    together. Returns None when no pixel reaches 0.5.
+    """
+    H, W = mask.shape
+    rows = np.flatnonzero((mask >= 0.5).any(1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero((mask >= 0.5).any(0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    spans = []
+    for lo, hi, n in ((y0, y1, H), (x0, x1, W)):
+        m = max(min_margin, margin * (hi - lo))
+        size = min(n, (hi - lo) + 2 * m)
+        size = min(n, max(min_size, int(math.ceil(size / quantum)) * quantum))
+        lo = int(round((lo + hi) / 2 - size / 2))
+        lo = min(max(lo, 0), n - size)
+        spans.append((lo, lo + size))
+    (y0, y1), (x0, x1) = spans
+    return RoiBox(y0, y1, x0, x1)
+
+
+def stage_scales(scales, padded_shape, max_side=None):
+    """Encoder scales for one input: `max_side` caps the encoder's input long side (decoding stays at full
+    resolution, which is what makes the cap cheap); consecutive duplicates after capping are run once."""
+    if max_side is None:
+        return tuple(scales)
+    cap = max_side / max(padded_shape)
+    out = []
+    for s in scales:
+        s = min(s, cap)
+        if not out or abs(out[-1] - s) > 1e-9:
+            out.append(s)
+    return tuple(out)
+
+
+class Refiner:
+    """Refine coarse masks with CRM.
+
+    Args:
+        weights: "demo" (the small model shipped with crm_d2), a path to a crm_d2 checkpoint, or the authors'
+            released state_dict file. `None` builds a randomly initialised model, only with `allow_random=True`.
+        device: "cpu", "cuda", "cuda:1", ... or None for CUDA when available.
+        scales: the multi-resolution schedule (fractions of the padded image size), low to high.
+        memory_budget: bytes the decoder may use per step (queries are chunked to fit it).
+        max_batch: masks encoded together at once.
+        amp: run the encoder in bfloat16 autocast on CUDA (faster, not bit-exact).
+        config: architecture for `weights=None`.
+    """
+
+    def __init__(self, weights="demo", device=None, scales=DEFAULT_SCALES, memory_budget=512 << 20, max_batch=8,
+                 amp=False, allow_random=False, config=None):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu'")
+        if weights is None:
+            if not allow_random:
+                raise ValueError("Refiner needs weights: 'demo', a checkpoint path, or allow_random=True for tests")
+            cfg = config if isinstance(config, CRMConfig) else CRMConfig.preset(config or "r50")
+            self.model = CRM(cfg).eval().to(self.device)
+        else:
+            self.model = load_model(weights, self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.scales = self._check_scales(scales)
+        self.memory_budget = int(memory_budget)
+        self.max_batch = max(1, int(max_batch))
+        self.amp = bool(amp) and self.device.type == "cuda"
+
+    @staticmethod
+    def _check_scales(scales):
+        scales = tuple(float(s) for s in scales)
+        if not scales or any(not (0 < s <= 4) for s in scales):
+            raise ValueError(f"scales must be a non-empty list of numbers in (0, 4], got {scales}")
+        return scales
+
+    # ------------------------------------------------------------------------------------------- public API
+    def refine(self, image, mask, *, bgr=False, roi=False, margin=0.5, max_side=None, scales=None, output="prob"):
+        """Refine one mask of one image.
+
+        image: HxWx3 uint8 **RGB** (pass `bgr=True` for arrays from cv2.imread). mask: HxW bool, uint8 (0/1 or
+        0..255) or float in [0, 1]; soft masks are used as they are, as in the release. Returns HxW:
+        float32 probability (output="prob"), bool (output="binary", p > 0.5) or uint8 floor(255 p) ("uint8").
+        roi=True refines only the mask's box plus `margin` (fraction of the box size) and keeps the coarse mask
+        outside it (the paper's CRM*); max_side caps the encoder's input long side.
+        """
+        return self.refine_batch(image, [mask], bgr=bgr, roi=roi, margin=margin, max_side=max_side,
+                                 scales=scales, output=output)[0]
+
+    def refine_batch(self, image, masks, *, bgr=False, roi=False, margin=0.5, max_side=None, scales=None,
+                     output="prob"):
+        """Refine several masks of one image (e.g. every segment of a panoptic result): N x H x W out."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        scales = self.scales if scales is None else self._check_scales(scales)
+        image = to_rgb_array(image, bgr)
+        masks = to_mask_stack(masks, image.shape[:2])
+        probs = np.zeros(masks.shape, np.float32)
+        img_t = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None]
+        if roi:
+            groups = {}
+            for i, m in enumerate(masks):
+                box = roi_box(m, margin)
+                if box is None or box.shape == image.shape[:2]:
+                    box = RoiBox(0, image.shape[0], 0, image.shape[1])
+                groups.setdefault(box.shape, []).append((i, box))
+            for items in groups.values():
+                for start in range(0, len(items), self.max_batch):
+                    part = items[start : start + self.max_batch]
+                    crops = torch.cat([img_t[..., b.y0 : b.y1, b.x0 : b.x1] for _, b in part])
+                    crop_masks = np.stack([masks[i][b.slices] for i, b in part])
+                    out = self._refine_stack(crops, crop_masks, scales, max_side)
+                    for (i, b), p in zip(part, out):
+                        probs[i] = masks[i]
+                        probs[i][b.slices] = p
+        else:
+            for start in range(0, len(masks), self.max_batch):
+                probs[start : start + self.max_batch] = self._refine_stack(
+                    img_t, masks[start : start + self.max_batch], scales, max_side)
+        return format_output(probs, output)
+
+    # ------------------------------------------------------------------------------------------- engine
+    @torch.no_grad()
+    def _refine_stack(self, images, masks, scales, max_side=None):
+        """images: 1 or B x3xHxW uint8 tensor; masks: B x H x W float32 numpy in [0, 1] -> B x H x W probs.
+
+        Per scale: resize once, encode once (the feature map is reused by every query chunk), project the
+        features to the MLP width, then decode the full-resolution grid in row chunks sized from the budget.
+        """
+        B = len(masks)
+        seg = torch.from_numpy(masks).to(self.device)[:, None]
+        im = F.pad(normalize_image(images.float() / 255), (PAD,) * 4, mode="reflect")
+        seg = F.pad(seg * 2 - 1, (PAD,) * 4, mode="reflect")
+        Hp, Wp = seg.shape[-2:]
+        prob = torch.empty(B, Hp, Wp, device=self.device)
+        for s in stage_scales(scales, (Hp, Wp), max_side):
+            size = (round(Hp * s), round(Wp * s))
+            im_s = F.interpolate(im, size=size, mode="bilinear", align_corners=True)
+            seg_s = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
+            proj = self._project(torch.cat((im_s.expand(B, -1, -1, -1), seg_s), 1))
+            self._decode_into(prob, proj)
+            empty = (seg + 1).flatten(1).sum(1) < 2  # the release's guard against an (almost) empty input
+            prob[empty] = 0
+            seg = ((prob - 0.5) * 2)[:, None]
+        return prob[:, PAD:-PAD, PAD:-PAD].cpu().numpy()
+
+    def _project(self, x):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            feat = self.model.encode(x)
+        return self.model.project(feat.float()).contiguous()
+
+    def _decode_into(self, prob, proj):
+        B, H, W = prob.shape
+        per_row = B * W * (2 * self.model.cfg.hidden + 16) * 4  # bytes live per output row while decoding
+        rows = max(1, self.memory_budget // per_row)
+        for r0 in range(0, H, rows):
+            r1 = min(H, r0 + rows)
+            prob[:, r0:r1] = torch.sigmoid(self.model.decode_rows(proj, (H, W), (r0, r1)))
+
+
+# ----------------------------------------------------------------------------------------------- input checks
+def to_rgb_array(image, bgr=False):
+    """Validate an image and return it as contiguous HxWx3 uint8 RGB."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be HxWx3 (RGB), got shape {image.shape}")
+    if image.dtype != np.uint8:
+        if not np.issubdtype(image.dtype, np.floating) or image.min() < 0 or image.max() > 1:
+            raise ValueError(f"image must be uint8 0..255 or float in [0, 1], got {image.dtype} "
+                             f"in [{image.min()}, {image.max()}]")
+        image = np.round(image * 255).astype(np.uint8)
+    if min(image.shape[:2]) <= PAD:
+        raise ValueError(f"image is {image.shape[0]}x{image.shape[1]}: CRM needs at least {PAD + 1} pixels per side "
+                         f"(it reflect-pads {PAD} px); upscale small images first")
+    if bgr:
+        image = image[..., ::-1]
+    return np.ascontiguousarray(image)
+
+
+def to_mask_array(mask, shape=None):
+    """Validate one mask and return it as HxW float32 in [0, 1]."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        extra = " (it has channels: pass a single-channel mask, e.g. mask[..., 0])" if mask.ndim == 3 else ""
+        raise ValueError(f"mask must be HxW, got shape {mask.shape}{extra}")
+    if shape is not None and mask.shape != tuple(shape):
+        raise ValueError(f"mask is {mask.shape[0]}x{mask.shape[1]} but the image is {shape[0]}x{shape[1]}: "
+                         "they must have the same size")
+    if mask.dtype == bool:
+        return mask.astype(np.float32)
+    if mask.dtype == np.uint8:
+        return mask.astype(np.float32) / (255.0 if mask.max() > 1 else 1.0)
+    if np.issubdtype(mask.dtype, np.integer):
+        if mask.min() < 0 or mask.max() > 255:
+            raise ValueError(f"integer mask values must be 0/1 or 0..255, got [{mask.min()}, {mask.max()}]")
+        return mask.astype(np.float32) / (255.0 if mask.max() > 1 else 1.0)
+    mask = mask.astype(np.float32)
+    if not np.isfinite(mask).all():
+        raise ValueError("mask contains NaN or infinite values")
+    if mask.min() < 0 or mask.max() > 1:
+        raise ValueError(f"float mask values must lie in [0, 1], got [{mask.min():.4g}, {mask.max():.4g}]")
+    return mask
+
+
+def to_mask_stack(masks, shape):
+    if isinstance(masks, (np.ndarray, torch.Tensor)) and masks.ndim == 3 and masks.shape[-1] not in (1, 3):
+        masks = list(masks)
+    if isinstance(masks, (np.ndarray, torch.Tensor)):
+        masks = [masks]
+    if len(masks) == 0:
+        raise ValueError("no masks given")
+    return np.ascontiguousarray(np.stack([to_mask_array(m, shape) for m in masks]))
+
+
+def format_output(probs, output):
+    if output == "binary":
+        return probs > 0.5
+    if output == "uint8":
+        return np.floor(probs * 255).astype(np.uint8)
+    return probs

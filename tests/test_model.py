@@ -1,0 +1,105 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crm_d2.model import CRM, CRMConfig, axis_neighbours, count_parameters
+
+
+def test_released_parameter_count_and_layout():
+    model = CRM()
+    assert count_parameters(model) == 9_300_961
+    state = model.state_dict()
+    assert state["feats.conv1.weight"].shape == (64, 4, 7, 7)
+    assert state["aspp_.aspp1_128.atrous_conv.weight"].shape == (64, 64, 1, 1)
+    assert state["aspp_.aspp1_256.atrous_conv.weight"].shape == (64, 256, 1, 1)
+    assert state["aspp_.aspp1_1024.atrous_conv.weight"].shape == (128, 1024, 1, 1)
+    assert state["aspp_.last_conv.0.weight"].shape == (256, 256, 3, 3)
+    assert state["imnet.layers.0.weight"].shape == (32, 262)
+    assert state["imnet.layers.8.weight"].shape == (1, 32)
+    assert not any(k.startswith("feats.layer4") for k in state)
+    # layer3 is dilated after its first block, as released
+    assert model.feats.layer3[0].conv2.dilation == (1, 1)
+    assert model.feats.layer3[1].conv2.dilation == (2, 2)
+    assert model.feats.layer2[0].conv2.stride == (2, 2)
+    assert model.feats.layer2[0].downsample[0].stride == (2, 2)
+
+
+def test_feature_map_is_stride_two():
+    model = CRM(CRMConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        feat = model.encode(torch.randn(1, 4, 37, 50))
+    assert feat.shape == (1, 128, 19, 25)
+
+
+def test_config_round_trip_and_errors():
+    cfg = CRMConfig.preset("tiny")
+    assert CRMConfig.from_dict(cfg.to_dict()) == cfg
+    assert CRMConfig.from_dict({"preset": "tiny", "hidden": 16}).hidden == 16
+    with pytest.raises(ValueError, match="unknown CRM preset"):
+        CRMConfig.preset("r101")
+    with pytest.raises(ValueError, match="unknown CRM config keys"):
+        CRMConfig.from_dict({"widht": 3})
+
+
+def test_axis_neighbours_hand_checked():
+    # 4 query centres (-.75, -.25, .25, .75) over 2 feature cells (centres -.5, .5)
+    q, idx, rel = axis_neighbours(4, 2)
+    assert torch.allclose(q, torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    assert idx.tolist() == [[0, 0, 0, 1], [0, 1, 1, 1]]
+    assert torch.allclose(rel, torch.tensor([[-0.5, 0.5, 1.5, 0.5], [-0.5, -1.5, -0.5, 0.5]]))
+
+
+def _identity_decoder(model):
+    """MLP that returns feature channel 0 (positive features pass every ReLU unchanged)."""
+    with torch.no_grad():
+        for layer in model.imnet.layers:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.zero_()
+                layer.bias.zero_()
+                layer.weight[0, 0] = 1.0
+    return model
+
+
+def test_local_ensemble_is_bilinear_interpolation_of_the_logits():
+    # With an MLP that reads only the feature, LIIF's opposite-area blend is bilinear interpolation of the
+    # feature between cell centres (align_corners=False); that pins the neighbour choice and the weights.
+    model = _identity_decoder(CRM(CRMConfig.preset("tiny")))
+    feat = torch.rand(1, 128, 5, 7) + 0.1
+    proj = model.project(feat)
+    out = model.decode_rows(proj, (20, 28), (0, 20))
+    expect = F.interpolate(feat[:, :1], size=(20, 28), mode="bilinear", align_corners=False)[:, 0]
+    # interior queries (the release clamps differently from F.interpolate at the outer half cell)
+    assert torch.allclose(out[:, 2:-2, 2:-2], expect[:, 2:-2, 2:-2], atol=1e-5)
+
+
+def test_decode_rows_chunks_equal_whole():
+    model = CRM(CRMConfig.preset("tiny")).eval()
+    proj = model.project(torch.randn(2, 128, 6, 9))
+    whole = model.decode_rows(proj, (23, 31), (0, 23))
+    parts = torch.cat([model.decode_rows(proj, (23, 31), (r, min(23, r + 5))) for r in range(0, 23, 5)], 1)
+    cols = model.decode_rows(proj, (23, 31), (4, 9), cols=(3, 17))
+    assert torch.allclose(whole, parts, atol=1e-6)
+    assert torch.allclose(whole[:, 4:9, 3:17], cols, atol=1e-6)
+
+
+def test_factored_decoder_matches_released_decoding(tiny_model):
+    from crm_d2.reference import make_coord_grid, query_logits
+
+    feat = torch.randn(1, 128, 6, 9)
+    H, W = 17, 26
+    coord = make_coord_grid((H, W))[None]
+    cell = torch.empty_like(coord)
+    cell[..., 0], cell[..., 1] = 2 / H, 2 / W
+    ref = query_logits(tiny_model, feat, coord, cell).view(1, H, W)
+    ours = tiny_model.decode_rows(tiny_model.project(feat), (H, W), (0, H))
+    assert ref.std() > 0.1
+    assert torch.allclose(ours, ref, atol=1e-4)
+
+
+def test_training_forward_has_gradients():
+    model = CRM(CRMConfig.preset("tiny")).train()
+    x = torch.randn(2, 4, 32, 32)
+    logits = model(x)
+    assert logits.shape == (2, 1, 32, 32)
+    logits.mean().backward()
+    assert model.feats.conv1.weight.grad is not None and model.imnet.layers[0].weight.grad.abs().sum() > 0

@@ -1,0 +1,144 @@
+import numpy as np
+import pytest
+
+from crm_d2.model import CRMConfig
+from crm_d2.reference import reference_refine
+from crm_d2.refiner import Refiner, roi_box, stage_scales
+
+from conftest import randomize_model
+
+
+@pytest.fixture
+def refiner(tiny_model):
+    r = Refiner(weights=None, allow_random=True, device="cpu", config=CRMConfig.preset("tiny"))
+    r.model.load_state_dict(tiny_model.state_dict())
+    return r
+
+
+def test_matches_released_pipeline(refiner, scene):
+    img, _, coarse = scene
+    soft = coarse.astype(np.float32) * 0.8 + 0.1
+    ours = refiner.refine(img, soft)
+    ref = reference_refine(refiner.model, img, soft)
+    assert ours.dtype == np.float32 and ours.shape == coarse.shape
+    assert ours.std() > 0.01  # the comparison means something
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
+def test_small_memory_budget_changes_nothing(refiner, scene):
+    img, _, coarse = scene
+    a = refiner.refine(img, coarse)
+    refiner.memory_budget = 1  # one row per decoding step
+    np.testing.assert_allclose(refiner.refine(img, coarse), a, atol=1e-6)
+
+
+def test_batch_equals_single_calls(refiner, scene):
+    img, gt, coarse = scene
+    masks = [coarse, gt, np.roll(coarse, 7, axis=1)]
+    refiner.max_batch = 2
+    batch = refiner.refine_batch(img, masks)
+    assert batch.shape == (3,) + coarse.shape
+    for m, b in zip(masks, batch):
+        np.testing.assert_allclose(refiner.refine(img, m), b, atol=1e-5)
+
+
+def test_roi_with_whole_image_margin_equals_full(refiner, scene):
+    img, _, coarse = scene
+    full = refiner.refine(img, coarse)
+    np.testing.assert_allclose(refiner.refine(img, coarse, roi=True, margin=1e6), full, atol=1e-6)
+
+
+def test_roi_keeps_coarse_outside_and_batches(refiner):
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (200, 260, 3), dtype=np.uint8)
+    a = np.zeros((200, 260), np.float32)
+    a[20:50, 30:70] = 1
+    b = np.zeros_like(a)
+    b[120:170, 150:240] = 0.9
+    out = refiner.refine_batch(img, [a, b], roi=True, margin=0.25)
+    for m, o in zip((a, b), out):
+        box = roi_box(m, 0.25)
+        outside = np.ones(m.shape, bool)
+        outside[box.slices] = False
+        assert outside.any()
+        np.testing.assert_array_equal(o[outside], m[outside])
+        single = refiner.refine(img, m, roi=True, margin=0.25)
+        np.testing.assert_allclose(single, o, atol=1e-5)
+
+
+def test_roi_box_rounding_and_limits():
+    m = np.zeros((300, 500), np.float32)
+    m[100:110, 200:230] = 1
+    box = roi_box(m, margin=0.5, min_margin=16)
+    h, w = box.shape
+    assert h % 32 == 0 and w % 32 == 0 and h >= 64 and w >= 64
+    assert box.y0 <= 100 and box.y1 >= 110 and box.x0 <= 200 and box.x1 >= 230
+    assert roi_box(np.zeros((10, 10)), 0.5) is None
+
+
+def test_stage_scales_cap():
+    assert stage_scales((0.125, 0.25, 0.5, 1.0), (4064, 6064), None) == (0.125, 0.25, 0.5, 1.0)
+    capped = stage_scales((0.125, 0.25, 0.5, 1.0), (4064, 6064), max_side=1024)
+    assert capped == (0.125, 1024 / 6064)
+
+
+def test_max_side_caps_encoder_input(refiner, scene, monkeypatch):
+    img, _, coarse = scene
+    sizes = []
+    real = refiner.model.encode
+    monkeypatch.setattr(refiner.model, "encode", lambda x: sizes.append(x.shape[-2:]) or real(x))
+    out = refiner.refine(img, coarse, max_side=100)
+    assert out.shape == coarse.shape
+    assert max(max(s) for s in sizes) <= 100
+
+
+def test_output_kinds_and_bgr(refiner, scene):
+    img, _, coarse = scene
+    p = refiner.refine(img, coarse)
+    assert refiner.refine(img, coarse, output="binary").dtype == bool
+    np.testing.assert_array_equal(refiner.refine(img, coarse, output="binary"), p > 0.5)
+    np.testing.assert_array_equal(refiner.refine(img, coarse, output="uint8"), np.floor(p * 255).astype(np.uint8))
+    np.testing.assert_allclose(refiner.refine(img[..., ::-1], coarse, bgr=True), p, atol=1e-6)
+    # uint8 0/255, uint8 0/1 and bool masks are the same input
+    np.testing.assert_allclose(refiner.refine(img, coarse.astype(np.uint8) * 255), p, atol=1e-6)
+    np.testing.assert_allclose(refiner.refine(img, coarse.astype(np.uint8)), p, atol=1e-6)
+
+
+def test_empty_and_full_masks(refiner, scene):
+    img, _, _ = scene
+    empty = refiner.refine(img, np.zeros(img.shape[:2], bool))
+    assert empty.max() == 0 and not np.isnan(empty).any()
+    assert refiner.refine(img, np.zeros(img.shape[:2], bool), roi=True).max() == 0
+    full = refiner.refine(img, np.ones(img.shape[:2], bool))
+    assert np.isfinite(full).all() and full.shape == img.shape[:2]
+
+
+@pytest.mark.parametrize(
+    "image, mask, message",
+    [
+        (np.zeros((50, 60, 3), np.uint8), np.zeros((50, 61)), "same size"),
+        (np.zeros((50, 60, 3), np.uint8), np.zeros((50, 60, 3)), "channels"),
+        (np.zeros((50, 60, 3), np.uint8), np.full((50, 60), 1.5), r"\[0, 1\]"),
+        (np.zeros((50, 60, 3), np.uint8), np.full((50, 60), np.nan), "NaN"),
+        (np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1)), "at least 33 pixels"),
+        (np.zeros((50, 60), np.uint8), np.zeros((50, 60)), "HxWx3"),
+        (np.full((50, 60, 3), 300.0), np.zeros((50, 60)), "uint8"),
+    ],
+)
+def test_bad_input_messages(refiner, image, mask, message):
+    with pytest.raises(ValueError, match=message):
+        refiner.refine(image, mask)
+
+
+def test_bad_arguments(refiner, scene):
+    img, _, coarse = scene
+    with pytest.raises(ValueError, match="output must be"):
+        refiner.refine(img, coarse, output="logits")
+    with pytest.raises(ValueError, match="scales"):
+        refiner.refine(img, coarse, scales=[])
+    with pytest.raises(ValueError, match="no masks"):
+        refiner.refine_batch(img, [])
+    with pytest.raises(ValueError, match="needs weights"):
+        Refiner(weights=None)
+    with pytest.raises(FileNotFoundError):
+        Refiner(weights="/nonexistent/crm.pth")
