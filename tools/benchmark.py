@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Time CRM refinement per image size, mode and device; peak memory; per-stage breakdown; quality of fast mode.
+
+    python tools/benchmark.py                                   # CPU (and CUDA when present), 1K-6K, exact + fast
+    python tools/benchmark.py --sizes 1k 2k --modes exact reference --runs 3
+    python tools/benchmark.py --weights demo --quality          # fast vs exact IoU/mBA on generated scenes
+
+Every configuration runs in its own subprocess so that peak memory (ru_maxrss on CPU, max_memory_allocated on
+CUDA) belongs to that configuration alone. "reference" is the released pipeline (crm_d2.reference: layer4
+computed, four 256-d gathers per query) for speed-up figures. Results print as a Markdown table and can be saved
+as JSON (--json).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SIZES = {"1k": (768, 1024), "2k": (1600, 2048), "4k": (2160, 3840), "6k": (4000, 6000)}
+
+
+def run_one(args):
+    import numpy as np
+    import torch
+
+    from crm_d2.metrics import boundary_accuracy, iou
+    from crm_d2.reference import make_layer4, reference_refine
+    from crm_d2.refiner import Refiner
+    from crm_d2.train.synthetic import make_scene
+
+    torch.manual_seed(0)
+    H, W = SIZES[args.size]
+    scene = make_scene((H, W), seed=args.seed)
+    mask = scene.coarse
+    random = args.weights.startswith("random-")
+    refiner = Refiner(weights=None if random else args.weights, allow_random=random,
+                      config=args.weights[len("random-"):] if random else None, device=args.device,
+                      mode="fast" if args.mode == "fast" else "exact", memory_budget=args.budget_mb << 20)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times, stages, out = [], [], None
+    for _ in range(args.runs):
+        refiner.profile = []
+        t0 = time.perf_counter()
+        if args.mode == "reference":
+            out = reference_refine(refiner.model, scene.image, mask.astype(np.float32) / 255,
+                                   layer4=make_layer4(refiner.model).to(refiner.device), timings=refiner.profile)
+        else:
+            out = refiner.refine(scene.image, mask, roi=args.roi)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        stages = refiner.profile
+    peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    res = {"size": args.size, "hw": [H, W], "mode": args.mode + ("+roi" if args.roi else ""), "device": args.device,
+           "weights": args.weights, "runs": args.runs, "median_s": statistics.median(times), "times_s": times,
+           "peak_mem_gb": peak / 2**30, "mpix_per_s": H * W / 1e6 / statistics.median(times),
+           "stages": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
+           "threads": torch.get_num_threads()}
+    if args.save_pred:
+        np.save(args.save_pred, out)
+    gt = scene.gt > 127
+    res["iou_gt"] = 100 * iou(out > 0.5, gt)
+    res["mba_gt"] = 100 * boundary_accuracy(out, gt)
+    res["coarse_iou_gt"] = 100 * iou(mask > 127, gt)
+    res["coarse_mba_gt"] = 100 * boundary_accuracy(mask, gt)
+    if args.compare_to:
+        ref = np.load(args.compare_to)
+        res["max_abs_diff_vs_exact"] = float(np.abs(ref - out).max())
+        res["iou_vs_exact"] = 100 * iou(out > 0.5, ref > 0.5)
+        res["mba_vs_exact"] = 100 * boundary_accuracy(out, ref > 0.5)
+    print("RESULT " + json.dumps(res))
+
+
+def child(cfg, extra=()):
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", "--size", cfg["size"], "--mode", cfg["mode"],
+           "--device", cfg["device"], "--weights", cfg["weights"], "--runs", str(cfg["runs"]), "--seed",
+           str(cfg["seed"]), "--budget-mb", str(cfg["budget_mb"])] + list(extra)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    sys.stderr.write(proc.stderr[-3000:])
+    return {"size": cfg["size"], "mode": cfg["mode"], "device": cfg["device"], "error": proc.stderr.strip()[-300:]}
+
+
+def markdown(results):
+    head = ("| size | device | mode | median s | MPix/s | peak GB | encoder s (per scale) | decoder s (per scale) "
+            "| IoU/mBA vs GT | coarse IoU/mBA | vs exact IoU/mBA, max diff |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['device']} | {r['mode']} | failed: {r['error'][-80:]} |")
+            continue
+        enc = " / ".join(f"{s['encoder_s']:.2f}" for s in r["stages"])
+        dec = " / ".join(f"{s['decoder_s']:.2f}" for s in r["stages"])
+        vs = (f"{r['iou_vs_exact']:.2f}/{r['mba_vs_exact']:.2f}, {r['max_abs_diff_vs_exact']:.1e}"
+              if "iou_vs_exact" in r else "")
+        lines.append(f"| {r['size']} | {r['device']} | {r['mode']} | {r['median_s']:.2f} | {r['mpix_per_s']:.2f} "
+                     f"| {r['peak_mem_gb']:.2f} | {enc} | {dec} | {r['iou_gt']:.2f}/{r['mba_gt']:.2f} "
+                     f"| {r['coarse_iou_gt']:.2f}/{r['coarse_mba_gt']:.2f} | {vs} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--modes", nargs="+", default=["exact", "fast"], choices=["exact", "fast", "reference"])
+    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    p.add_argument("--weights", default="random-r50",
+                   help="checkpoint path, 'demo', or random-<preset> (timing only: random weights make fast mode's "
+                        "band meaningless)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-mb", type=int, default=512)
+    p.add_argument("--json", help="write all results to this JSON file")
+    # internal: one configuration in this process
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--device", help=argparse.SUPPRESS)
+    p.add_argument("--roi", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--save-pred", help=argparse.SUPPRESS)
+    p.add_argument("--compare-to", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        return run_one(args)
+
+    import tempfile
+
+    import torch
+
+    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for device in devices:
+            for size in args.sizes:
+                exact_pred = os.path.join(tmp, f"{device}_{size}.npy")
+                for mode in sorted(args.modes, key=lambda m: m != "exact"):  # exact first: others compare to it
+                    cfg = dict(size=size, mode=mode, device=device, weights=args.weights, runs=args.runs,
+                               seed=args.seed, budget_mb=args.budget_mb)
+                    extra = ["--save-pred", exact_pred] if mode == "exact" else (
+                        ["--compare-to", exact_pred] if os.path.exists(exact_pred) else [])
+                    r = child(cfg, extra)
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
+    print()
+    print(markdown(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "results": results}, f, indent=1)
+
+
+def machine():
+    import platform
+
+    import torch
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+if __name__ == "__main__":
+    main()
