@@ -198,24 +198,22 @@ def make_coord(n, device=None):
     return -1 + r + (2 * r) * torch.arange(n, device=device, dtype=torch.float32)
 
 
-def axis_neighbours(n_out, n_feat, start=0, stop=None, n_query=None, device=None):
-    """Per-axis LIIF neighbour lookup for query centres start..stop of an n_out grid over an n_feat feature axis.
+def axis_neighbours(q, n_feat, offset=0, n_local=None):
+    """Per-axis LIIF neighbour lookup of query coordinates q (L,) on a feature axis of n_feat cells over (-1, 1).
 
-    Returns the query coordinates q (L,), and for the shifts -1 and +1 the nearest feature indices (2, L) and
-    rel = (q - centre of that cell) * n_feat (2, L). Rows and columns are independent, which is what lets the
-    decoder work on separable terms instead of per-pixel coordinate tensors.
+    Returns, for the shifts -1 and +1, the nearest feature indices (2, L) and rel = (q - cell centre) * n_feat
+    (2, L). Rows and columns are independent, which is what lets the decoder work on separable terms instead of
+    per-pixel coordinate tensors. `offset`/`n_local` index into a crop of the feature axis (tiled decoding).
     """
-    q = make_coord(n_out, device)[start:stop]
     rad = 1.0 / n_feat
     idx, rel = [], []
     for v in (-1, 1):
         qs = (q + (v * rad + _EPS_SHIFT)).clamp_(-1 + 1e-6, 1 - 1e-6)
         # grid_sample(mode="nearest", align_corners=False): unnormalise, then round half to even.
         i = torch.round(((qs + 1) * n_feat - 1) / 2).long().clamp_(0, n_feat - 1)
-        centre = -1 + rad + (2 * rad) * i.float()
-        idx.append(i)
-        rel.append((q - centre) * n_feat)
-    return q, torch.stack(idx), torch.stack(rel)
+        rel.append((q - (-1 + rad + (2 * rad) * i.float())) * n_feat)
+        idx.append((i - offset).clamp_(0, (n_local or n_feat) - 1))
+    return torch.stack(idx), torch.stack(rel)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -231,37 +229,87 @@ class CRM(nn.Module):
         """x: Bx4xhxw (normalised RGB + mask in [-1, 1]) -> feature map Bx(4*width)xceil(h/2)xceil(w/2)."""
         return self.aspp_(*self.feats(x))
 
+    def encode_projected(self, x, budget=256 << 20):
+        """`project(encode(x))` without ever holding the 256-channel stride-2 feature map.
+
+        At 6K that map alone is 6 GB; here the fusion conv runs over row slabs (with a one-row halo for its
+        3x3 kernel) sized from `budget` bytes, and each slab is projected to the MLP width at once.
+        """
+        n = self.aspp_
+        x1, x2, x3 = self.feats(x)
+        b1 = n.branch(x1, n.aspp1_128, n.bn1_128)
+        del x1
+        b2 = n.branch(x2, n.aspp1_256, n.bn1_256)
+        del x2
+        b3 = n.branch(x3, n.aspp1_1024, n.bn1_1024)
+        del x3
+        B, _, Hf, Wf = b1.shape
+        out = b1.new_empty(B, Hf, Wf, self.cfg.hidden)
+        w = self.imnet.layers[0].weight[:, : self.cfg.feat_dim]
+        rows = max(1, budget // (B * Wf * self.cfg.feat_dim * 4 * 3))
+        for r0 in range(0, Hf, rows):
+            r1 = min(Hf, r0 + rows)
+            lo, hi = max(0, r0 - 1), min(Hf, r1 + 1)
+            slab = torch.cat((b1[:, :, lo:hi], upsample_rows(b2, (Hf, Wf), lo, hi),
+                              upsample_rows(b3, (Hf, Wf), lo, hi)), 1)
+            feat = n.last_conv(slab)[:, :, r0 - lo : r0 - lo + r1 - r0]
+            out[:, r0:r1] = torch.einsum("bchw,kc->bhwk", feat, w)
+        return out
+
     def project(self, feat):
         """Apply the feature part of the MLP's first layer once per feature cell: BxCxhxw -> Bxhxwx hidden."""
         w = self.imnet.layers[0].weight[:, : self.cfg.feat_dim]
         return torch.einsum("bchw,kc->bhwk", feat, w)
 
     def decode_rows(self, proj, out_size, rows, cols=None):
-        """Logits of the query pixels rows x cols of an out_size grid, from a projected feature map.
+        """Logits of the query pixels rows x cols of an out_size grid (the release's decoding, exactly).
 
         proj: B x Hf x Wf x hidden (from `project`); rows/cols: (start, stop) ranges of the out_size grid
-        (cols None = all). Returns B x R x C logits. This is the LIIF local ensemble of the release, exactly.
+        (cols None = all). Returns B x R x C logits.
         """
         H, W = out_size
-        _, Hf, Wf, _ = proj.shape
         c0, c1 = cols if cols is not None else (0, W)
-        dev = proj.device
-        qy, iy, ry = axis_neighbours(H, Hf, rows[0], rows[1], device=dev)
-        qx, ix, rx = axis_neighbours(W, Wf, c0, c1, device=dev)
+        qy = make_coord(H, proj.device)[rows[0] : rows[1]]
+        qx = make_coord(W, proj.device)[c0:c1]
+        return self.decode(proj, qy, qx, cell=(2.0 / H, 2.0 / W))
 
+    def decode(self, proj, qy, qx, cell, feat_grid=None, offset=(0, 0)):
+        """Logits at the query coordinates qy x qx (in (-1, 1)) with LIIF's local ensemble.
+
+        cell: the query cell size (2/H_out, 2/W_out). feat_grid: the size of the whole feature map when `proj`
+        is only a crop of it starting at cell `offset` (tiled decoding); default: proj is the whole map.
+        """
+        rows, cols = self.query_terms(proj, qy, qx, cell, feat_grid, offset)
+        return self.ensemble(proj, rows, cols)
+
+    def query_terms(self, proj, qy, qx, cell, feat_grid=None, offset=(0, 0)):
+        """Everything the decoder needs from the query positions, per row and per column.
+
+        Returns (iy, row_term, area_y) and (ix, col_term, area_x): nearest feature indices (2, L) for the shifts
+        -1/+1, the first MLP layer's position terms (2, L, hidden) and |rel| (2, L). Slicing the row triple along
+        its second axis gives the terms of a chunk of rows.
+        """
+        Hl, Wl = proj.shape[1:3]
+        Hf, Wf = feat_grid or (Hl, Wl)
         first = self.imnet.layers[0]
-        wpos = first.weight[:, self.cfg.feat_dim :].to(proj.dtype)  # columns: rel y, rel x, coord y, coord x, cell y, cell x
-        const = first.bias + wpos[:, 4] * (2.0 / H * Hf) + wpos[:, 5] * (2.0 / W * Wf)
-        # Separable position terms: (2, R, k) for rows and (2, C, k) for columns.
-        row_term = ry[..., None] * wpos[:, 0] + (qy[:, None] * wpos[:, 2])[None] + const
+        # first-layer columns after the feature: rel y, rel x, coord y, coord x, cell y, cell x
+        wpos = first.weight[:, self.cfg.feat_dim :].to(proj.dtype)
+        const = first.bias + wpos[:, 4] * (cell[0] * Hf) + wpos[:, 5] * (cell[1] * Wf)
+        iy, ry = axis_neighbours(qy, Hf, offset[0], Hl)
+        ix, rx = axis_neighbours(qx, Wf, offset[1], Wl)
+        row_term = ry[..., None] * wpos[:, 0] + (qy[:, None] * wpos[:, 2] + const)[None]
         col_term = rx[..., None] * wpos[:, 1] + (qx[:, None] * wpos[:, 3])[None]
-        area_y, area_x = ry.abs(), rx.abs()
+        return (iy, row_term, ry.abs()), (ix, col_term, rx.abs())
 
+    def ensemble(self, proj, rows, cols):
+        """B x R x C logits: the MLP on each of the 4 neighbours, blended by opposite areas (on logits)."""
+        (iy, row_term, area_y), (ix, col_term, area_x) = rows, cols
         logits, weights = [], []
         for vy, vx in SHIFTS:
             a, b = (vy + 1) // 2, (vx + 1) // 2
-            h = proj[:, iy[a]][:, :, ix[b]]  # B x R x C x k
-            h = h + row_term[a][None, :, None] + col_term[b][None, None]
+            h = proj[:, iy[a]][:, :, ix[b]]  # B x R x C x hidden: gathered 32-d projections
+            h += row_term[a][None, :, None]
+            h += col_term[b][None, None]
             logits.append(self._mlp_tail(h))
             weights.append(area_y[a][:, None] * area_x[b][None] + 1e-9)
         total = weights[0] + weights[1] + weights[2] + weights[3]
@@ -272,11 +320,11 @@ class CRM(nn.Module):
 
     def _mlp_tail(self, h):
         layers = self.imnet.layers
-        h = torch.relu(h)
+        h = h.relu_()
         for i in range(2, len(layers), 2):
-            h = layers[i](h)
+            h = F.linear(h, layers[i].weight, layers[i].bias)
             if i + 1 < len(layers):
-                h = torch.relu(h)
+                h = h.relu_()
         return h[..., 0]
 
     def forward(self, x, out_size=None):
@@ -284,6 +332,17 @@ class CRM(nn.Module):
         out_size = tuple(out_size or x.shape[-2:])
         proj = self.project(self.encode(x))
         return self.decode_rows(proj, out_size, (0, out_size[0]))[:, None]
+
+
+def upsample_rows(x, size, lo, hi):
+    """Rows lo..hi of F.interpolate(x, size, mode="bilinear", align_corners=True), without the other rows."""
+    h, H = x.shape[-2], size[0]
+    pos = torch.arange(lo, hi, device=x.device, dtype=torch.float32) * ((h - 1) / (H - 1) if H > 1 else 0.0)
+    i0 = pos.floor().long().clamp_(0, h - 1)
+    i1 = (i0 + 1).clamp_(max=h - 1)
+    t = (pos - i0.float()).view(1, 1, -1, 1)
+    rows = x[:, :, i0] * (1 - t) + x[:, :, i1] * t
+    return F.interpolate(rows, size=(hi - lo, size[1]), mode="bilinear", align_corners=True)
 
 
 def normalize_image(image):

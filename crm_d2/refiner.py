@@ -5,6 +5,7 @@ normalisation, scales 1/8..1, soft chaining between scales, every pixel decoded 
 organised so that memory is bounded by a budget, not by the image size (see `_refine_stack`).
 """
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,11 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_model
-from .model import CRM, CRMConfig, normalize_image
+from .model import CRM, CRMConfig, make_coord, normalize_image
 
 PAD = 32
 DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)
 OUTPUTS = ("prob", "binary", "uint8")
+ENCODER_BYTES_PER_PX_PER_WIDTH = 5  # peak encoder activations per input pixel, per unit of stem width (measured)
+CPU_CHUNK_QUERIES = 16384  # decoder queries per step on CPU: keeps the 32-d working set in L2
 
 
 @dataclass
@@ -62,6 +65,27 @@ def roi_box(mask, margin=0.5, min_margin=16, quantum=32, min_size=64):
     return RoiBox(y0, y1, x0, x1)
 
 
+@dataclass
+class FastOptions:
+    """Knobs of fast mode: later stages re-decode only a band around the previous stage's boundary.
+
+    band: full-resolution pixels on each side of the previous boundary (and of its unsettled pixels) that are
+    decoded again; unsettled: a previous probability in (u, 1 - u) counts as undecided; tile/halo: the encoder
+    runs on tiles of this many stage pixels that touch the band, with this much context around each;
+    band_from: stages at or above this scale use band tiles, lower ones run densely (they are cheap).
+    """
+
+    band: int = 24
+    unsettled: float = 0.05
+    tile: int = 192
+    halo: int = 64
+    band_from: float = 0.5
+
+    def __post_init__(self):
+        if self.tile % 2 or self.halo % 2 or self.tile <= 0 or self.halo < 0:
+            raise ValueError("fast mode tile and halo must be even, tile > 0")
+
+
 def stage_scales(scales, padded_shape, max_side=None):
     """Encoder scales for one input: `max_side` caps the encoder's input long side (decoding stays at full
     resolution, which is what makes the cap cheap); consecutive duplicates after capping are run once."""
@@ -87,11 +111,13 @@ class Refiner:
         memory_budget: bytes the decoder may use per step (queries are chunked to fit it).
         max_batch: masks encoded together at once.
         amp: run the encoder in bfloat16 autocast on CUDA (faster, not bit-exact).
+        mode: "exact" (the released protocol) or "fast" (band-limited later stages, see `FastOptions`).
+        fast: FastOptions for mode="fast".
         config: architecture for `weights=None`.
     """
 
     def __init__(self, weights="demo", device=None, scales=DEFAULT_SCALES, memory_budget=512 << 20, max_batch=8,
-                 amp=False, allow_random=False, config=None):
+                 amp=False, allow_random=False, config=None, mode="exact", fast=None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -110,6 +136,11 @@ class Refiner:
         self.memory_budget = int(memory_budget)
         self.max_batch = max(1, int(max_batch))
         self.amp = bool(amp) and self.device.type == "cuda"
+        if mode not in ("exact", "fast"):
+            raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
+        self.mode = mode
+        self.fast = fast or FastOptions()
+        self.profile = None  # set to a list to collect per-stage timings (tools/benchmark.py)
 
     @staticmethod
     def _check_scales(scales):
@@ -153,17 +184,21 @@ class Refiner:
                     part = items[start : start + self.max_batch]
                     crops = torch.cat([img_t[..., b.y0 : b.y1, b.x0 : b.x1] for _, b in part])
                     crop_masks = np.stack([masks[i][b.slices] for i, b in part])
-                    out = self._refine_stack(crops, crop_masks, scales, max_side)
+                    out = self._run(crops, crop_masks, scales, max_side)
                     for (i, b), p in zip(part, out):
                         probs[i] = masks[i]
                         probs[i][b.slices] = p
         else:
             for start in range(0, len(masks), self.max_batch):
-                probs[start : start + self.max_batch] = self._refine_stack(
+                probs[start : start + self.max_batch] = self._run(
                     img_t, masks[start : start + self.max_batch], scales, max_side)
         return format_output(probs, output)
 
     # ------------------------------------------------------------------------------------------- engine
+    def _run(self, images, masks, scales, max_side):
+        run = self._refine_fast if self.mode == "fast" else self._refine_stack
+        return run(images, masks, scales, max_side)
+
     @torch.no_grad()
     def _refine_stack(self, images, masks, scales, max_side=None):
         """images: 1 or B x3xHxW uint8 tensor; masks: B x H x W float32 numpy in [0, 1] -> B x H x W probs.
@@ -181,25 +216,123 @@ class Refiner:
             size = (round(Hp * s), round(Wp * s))
             im_s = F.interpolate(im, size=size, mode="bilinear", align_corners=True)
             seg_s = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
-            proj = self._project(torch.cat((im_s.expand(B, -1, -1, -1), seg_s), 1))
-            self._decode_into(prob, proj)
+            t0 = self._clock()
+            proj = self._project_batched(im_s, seg_s)
+            t1 = self._clock()
+            self._decode_into(prob, proj, (2 / Hp, 2 / Wp))
+            self._record(s, t0, t1)
             empty = (seg + 1).flatten(1).sum(1) < 2  # the release's guard against an (almost) empty input
             prob[empty] = 0
             seg = ((prob - 0.5) * 2)[:, None]
         return prob[:, PAD:-PAD, PAD:-PAD].cpu().numpy()
 
+    def _clock(self):
+        if self.profile is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _record(self, scale, t0, t1):
+        if self.profile is not None:
+            t2 = self._clock()
+            self.profile.append({"scale": scale, "encoder_s": t1 - t0, "decoder_s": t2 - t1})
+
+    def _project_batched(self, im_s, seg_s):
+        """Encode B masks on one (or B) resized images, in sub-batches whose encoder activations fit the budget
+        (at 6K one image's trunk alone takes several GB, so big inputs go one by one)."""
+        B, px = seg_s.shape[0], seg_s.shape[-2] * seg_s.shape[-1]
+        per_item = px * ENCODER_BYTES_PER_PX_PER_WIDTH * self.model.cfg.width
+        step = max(1, min(B, 4 * self.memory_budget // per_item))
+        im_s = im_s.expand(B, -1, -1, -1)
+        parts = [self._project(torch.cat((im_s[i : i + step], seg_s[i : i + step]), 1)) for i in range(0, B, step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def _project(self, x):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            feat = self.model.encode(x)
-        return self.model.project(feat.float()).contiguous()
+            return self.model.encode_projected(x, self.memory_budget).float().contiguous()
 
-    def _decode_into(self, prob, proj):
+    def _decode_into(self, prob, proj, cell):
+        """Decode every pixel of prob's grid (B x H x W), chunk by chunk of rows.
+
+        On CPU the chunks are small enough for the working set to stay in cache (the MLP is memory-bound, and
+        this is several times faster than big chunks); on GPU they are as large as the memory budget allows.
+        """
         B, H, W = prob.shape
-        per_row = B * W * (2 * self.model.cfg.hidden + 16) * 4  # bytes live per output row while decoding
-        rows = max(1, self.memory_budget // per_row)
+        if self.device.type == "cpu":
+            rows = max(1, CPU_CHUNK_QUERIES // (B * W))
+        else:
+            rows = max(1, self.memory_budget // (B * W * (2 * self.model.cfg.hidden + 16) * 4))
+        (iy, row_term, ay), cols = self.model.query_terms(proj, make_coord(H, prob.device),
+                                                          make_coord(W, prob.device), cell)
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
-            prob[:, r0:r1] = torch.sigmoid(self.model.decode_rows(proj, (H, W), (r0, r1)))
+            chunk = (iy[:, r0:r1], row_term[:, r0:r1], ay[:, r0:r1])
+            prob[:, r0:r1] = torch.sigmoid(self.model.ensemble(proj, chunk, cols))
+
+    @torch.no_grad()
+    def _refine_fast(self, images, masks, scales, max_side=None):
+        """Fast mode: low scales decode at their own resolution; from `band_from` on, only tiles that touch a
+        band around the previous stage's boundary are encoded and decoded, the rest is the previous stage
+        upsampled. Full resolution is reached at the last stage only, and only in the band."""
+        opt = self.fast
+        seg = torch.from_numpy(masks).to(self.device)[:, None]
+        im = F.pad(normalize_image(images.float() / 255), (PAD,) * 4, mode="reflect")
+        seg = F.pad(seg * 2 - 1, (PAD,) * 4, mode="reflect")
+        B, (Hp, Wp) = len(masks), seg.shape[-2:]
+        cell = (2 / Hp, 2 / Wp)
+        stages = stage_scales(scales, (Hp, Wp), max_side)
+        prev = None
+        for i, s in enumerate(stages):
+            E = (round(Hp * s), round(Wp * s))
+            D = (Hp, Wp) if i == len(stages) - 1 else E
+            im_s = F.interpolate(im, size=E, mode="bilinear", align_corners=True).expand(B, -1, -1, -1)
+            src = seg if prev is None else (prev - 0.5) * 2
+            seg_s = F.interpolate(src, size=E, mode="bilinear", align_corners=True)
+            t0 = self._clock()
+            if prev is None or s < opt.band_from:
+                prob = torch.empty(B, *D, device=self.device)
+                proj = self._project_batched(im_s, seg_s)
+                t1 = self._clock()
+                self._decode_into(prob, proj, cell)
+            else:
+                prob, t_enc = self._band_stage(im_s, seg_s, prev, D, cell)
+                t1 = t0 + t_enc
+            self._record(s, t0, t1)
+            empty = (seg_s + 1).flatten(1).sum(1) * (Hp * Wp / (E[0] * E[1])) < 2
+            prob[empty] = 0
+            prev = prob[:, None]
+        return prev[:, 0, PAD:-PAD, PAD:-PAD].cpu().numpy()
+
+    def _band_stage(self, im_s, seg_s, prev, D, cell):
+        opt = self.fast
+        E = seg_s.shape[-2:]
+        prob = F.interpolate(prev, size=D, mode="bilinear", align_corners=True)[:, 0]
+        # The band, on the previous grid: unsettled pixels and the 0.5 contour, dilated by `band` px.
+        fg = (prev > 0.5).float()
+        edge = (F.max_pool2d(fg, 3, 1, 1) != -F.max_pool2d(-fg, 3, 1, 1)) | ((prev > opt.unsettled) & (prev < 1 - opt.unsettled))
+        r = max(1, math.ceil(opt.band * prev.shape[-2] / D[0]))
+        band = F.max_pool2d(edge.float().amax(0, keepdim=True), 2 * r + 1, 1, r)
+        band = F.interpolate(band, size=E, mode="nearest")[0, 0] > 0
+        Hf, Wf = (E[0] + 1) // 2, (E[1] + 1) // 2
+        qy_all, qx_all = make_coord(D[0], prob.device), make_coord(D[1], prob.device)
+        t_enc, tiles = 0.0, 0
+        for y0 in range(0, E[0], opt.tile):
+            for x0 in range(0, E[1], opt.tile):
+                y1, x1 = min(E[0], y0 + opt.tile), min(E[1], x0 + opt.tile)
+                if not band[y0:y1, x0:x1].any():
+                    continue
+                cy0, cx0 = max(0, y0 - opt.halo), max(0, x0 - opt.halo)
+                cy1, cx1 = min(E[0], y1 + opt.halo), min(E[1], x1 + opt.halo)
+                x = torch.cat((im_s[..., cy0:cy1, cx0:cx1], seg_s[..., cy0:cy1, cx0:cx1]), 1)
+                t = self._clock()
+                proj = self._project(x)
+                t_enc, tiles = t_enc + self._clock() - t, tiles + 1
+                dy0, dy1 = y0 * D[0] // E[0], y1 * D[0] // E[0]
+                dx0, dx1 = x0 * D[1] // E[1], x1 * D[1] // E[1]
+                logits = self.model.decode(proj, qy_all[dy0:dy1], qx_all[dx0:dx1], cell, feat_grid=(Hf, Wf),
+                                           offset=(cy0 // 2, cx0 // 2))
+                prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
+        self._tiles = tiles
+        return prob, t_enc
 
 
 # ----------------------------------------------------------------------------------------------- input checks

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crm_d2.model import CRM, CRMConfig, axis_neighbours, count_parameters
+from crm_d2.model import CRM, CRMConfig, axis_neighbours, count_parameters, make_coord
 
 
 def test_released_parameter_count_and_layout():
@@ -43,8 +43,9 @@ def test_config_round_trip_and_errors():
 
 def test_axis_neighbours_hand_checked():
     # 4 query centres (-.75, -.25, .25, .75) over 2 feature cells (centres -.5, .5)
-    q, idx, rel = axis_neighbours(4, 2)
+    q = make_coord(4)
     assert torch.allclose(q, torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    idx, rel = axis_neighbours(q, 2)
     assert idx.tolist() == [[0, 0, 0, 1], [0, 1, 1, 1]]
     assert torch.allclose(rel, torch.tensor([[-0.5, 0.5, 1.5, 0.5], [-0.5, -1.5, -0.5, 0.5]]))
 
@@ -103,3 +104,22 @@ def test_training_forward_has_gradients():
     assert logits.shape == (2, 1, 32, 32)
     logits.mean().backward()
     assert model.feats.conv1.weight.grad is not None and model.imnet.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_slab_projected_encoding_equals_full(tiny_model):
+    x = torch.randn(2, 4, 75, 61)
+    with torch.no_grad():
+        full = tiny_model.project(tiny_model.encode(x))
+        slabs = tiny_model.encode_projected(x, budget=1)  # one feature row per slab
+    assert torch.allclose(full, slabs, atol=1e-4 * float(full.abs().max()))
+
+
+def test_decoding_a_feature_crop_equals_the_whole_map(tiny_model):
+    proj = tiny_model.project(torch.randn(1, 128, 10, 12))
+    H, W = 40, 48
+    whole = tiny_model.decode_rows(proj, (H, W), (0, H))
+    # rows 12..28 / cols 8..32 only need feature rows 2..8 / cols 1..9 (plus one neighbour)
+    crop = proj[:, 2:9, 1:10]
+    part = tiny_model.decode(crop, make_coord(H)[12:28], make_coord(W)[8:32], cell=(2 / H, 2 / W),
+                             feat_grid=(10, 12), offset=(2, 1))
+    assert torch.allclose(part, whole[:, 12:28, 8:32], atol=1e-6)

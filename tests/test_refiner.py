@@ -85,8 +85,8 @@ def test_stage_scales_cap():
 def test_max_side_caps_encoder_input(refiner, scene, monkeypatch):
     img, _, coarse = scene
     sizes = []
-    real = refiner.model.encode
-    monkeypatch.setattr(refiner.model, "encode", lambda x: sizes.append(x.shape[-2:]) or real(x))
+    real = refiner.model.encode_projected
+    monkeypatch.setattr(refiner.model, "encode_projected", lambda x, b: sizes.append(x.shape[-2:]) or real(x, b))
     out = refiner.refine(img, coarse, max_side=100)
     assert out.shape == coarse.shape
     assert max(max(s) for s in sizes) <= 100
@@ -142,3 +142,31 @@ def test_bad_arguments(refiner, scene):
         Refiner(weights=None)
     with pytest.raises(FileNotFoundError):
         Refiner(weights="/nonexistent/crm.pth")
+
+
+def test_fast_mode_tiles_equal_dense_when_halo_covers_the_image(refiner, scene):
+    # With a band covering everything and a halo as big as the image, every tile's encoder sees the whole
+    # image, so tiled decoding through feature offsets must equal decoding the whole map at once.
+    from crm_d2.refiner import FastOptions
+
+    img, _, coarse = scene
+    refiner.mode = "fast"
+    refiner.fast = FastOptions(band_from=10.0)  # every stage dense
+    dense = refiner.refine(img, coarse)
+    refiner.fast = FastOptions(band=10_000, tile=64, halo=256, band_from=0.2)
+    tiled = refiner.refine(img, coarse)
+    np.testing.assert_allclose(tiled, dense, atol=1e-5)
+
+
+def test_fast_mode_keeps_settled_pixels_from_the_previous_stage(refiner, scene):
+    from crm_d2.refiner import FastOptions
+
+    img, _, coarse = scene
+    refiner.mode = "fast"
+    refiner.fast = FastOptions(band=2, unsettled=0.0, tile=32, halo=16)
+    refiner.profile = []
+    out = refiner.refine(img, coarse)
+    assert out.shape == coarse.shape and np.isfinite(out).all()
+    assert [round(p["scale"], 3) for p in refiner.profile] == [0.125, 0.25, 0.5, 1.0]
+    with pytest.raises(ValueError, match="even"):
+        FastOptions(tile=33)
