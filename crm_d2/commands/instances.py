@@ -1,0 +1,179 @@
+"""`crm-d2 instances`: refine instance / entity masks of a COCO results JSON with CRM; mask AP with and without.
+
+The ground truth is a COCO instances JSON, or a COCO panoptic GT (JSON + `--gt-dir`) from which the
+class-agnostic entity GT is built (every segment one entity). Outputs in OUT: `parts/<image_id>.json` (refined
+results of one image, written atomically: present = done, skipped on rerun), `results.json` (all refined
+results, COCO results format), `ap.json` and `run.json` (settings; resuming under other settings is refused).
+"""
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from crm_d2.io import read_image, write_json
+from crm_d2.panoptic.instances_eval import encode_mask, entity_gt_from_panoptic, evaluate_masks, format_ap_table
+from crm_d2.panoptic.refine import refine_instances
+
+from .panoptic import add_refine_arguments, check_run_settings, find_image, make_refiner, options_from_args
+
+NAME = "instances"
+HELP = "refine instance/entity masks (COCO results JSON) with CRM; mask AP with and without CRM"
+
+
+def add_arguments(parser):
+    parser.add_argument("--images", required=True, help="folder of the original images")
+    parser.add_argument("--pred-json", required=True, help="COCO results JSON (segmentation as RLE), e.g. "
+                        "Detectron2's coco_instances_results.json")
+    parser.add_argument("--gt-json", required=True,
+                        help="COCO instances GT JSON, or a COCO panoptic GT JSON together with --gt-dir")
+    parser.add_argument("--gt-dir", default=None, help="panoptic GT PNG folder: evaluate class-agnostic entity AP")
+    parser.add_argument("--entity", action="store_true",
+                        help="class-agnostic AP (implied by --gt-dir); masks of one image are refined as entities")
+    parser.add_argument("--non-overlapping", action="store_true",
+                        help="the masks of an image do not overlap (entity outputs) and must not after refinement")
+    parser.add_argument("--score-thresh", type=float, default=0.0,
+                        help="refine only results scoring at least this (the rest are kept as they are)")
+    parser.add_argument("-o", "--output", required=True, help="output folder (resumable)")
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    add_refine_arguments(parser)
+
+
+def load_results(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results JSON not found: {path}")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if isinstance(results, dict) and "annotations" in results:
+        results = results["annotations"]
+    if not isinstance(results, list):
+        raise ValueError(f"{path} must hold a list of COCO results")
+    if not results:
+        raise ValueError(f"{path} is an empty prediction list: nothing to refine or evaluate")
+    return results
+
+
+def load_gt(gt_json, gt_dir=None):
+    """COCO instances GT dict; from a panoptic GT (with gt_dir) the class-agnostic entity GT."""
+    if gt_dir is not None:
+        from crm_d2.panoptic.coco import PanopticSet
+
+        return entity_gt_from_panoptic(PanopticSet(gt_json, gt_dir))
+    path = Path(gt_json)
+    if not path.is_file():
+        raise FileNotFoundError(f"GT JSON not found: {path}")
+    with open(path) as f:
+        gt = json.load(f)
+    if not isinstance(gt, dict) or "images" not in gt or "annotations" not in gt:
+        raise ValueError(f"{path} is not a COCO instances GT (needs 'images' and 'annotations'); for a panoptic "
+                         f"GT pass its PNG folder with --gt-dir")
+    return gt
+
+
+def group_results(results, gt, pred_path):
+    """Results by image_id, in file order, each checked against the GT images (id known, mask size)."""
+    images = {im["id"]: im for im in gt["images"]}
+    by_image = OrderedDict()
+    for k, r in enumerate(results):
+        missing = [key for key in ("image_id", "segmentation", "score") if key not in r]
+        if missing:
+            raise ValueError(f"{pred_path}: result {k} (image_id {r.get('image_id')}) lacks {missing}")
+        im = images.get(r["image_id"])
+        if im is None:
+            raise ValueError(f"{pred_path}: result {k} is for image_id {r['image_id']}, which is not in the GT")
+        by_image.setdefault(r["image_id"], []).append(k)
+    return by_image, images
+
+
+def decode(result, height, width, where):
+    """One result's segmentation (RLE, or polygons) as an HxW bool mask."""
+    seg = result["segmentation"]
+    if isinstance(seg, list):
+        seg = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
+        seg = mask_utils.frPyObjects(seg, height, width)
+    if not isinstance(seg, dict) or list(seg.get("size", [])) != [height, width]:
+        raise ValueError(f"{where}: segmentation must be an RLE of size [{height}, {width}] "
+                         f"(the image), got {seg.get('size') if isinstance(seg, dict) else type(seg).__name__}")
+    if isinstance(seg["counts"], str):
+        seg = dict(seg, counts=seg["counts"].encode("ascii"))
+    return mask_utils.decode(seg).astype(bool)
+
+
+def refine_image(refiner, image, results, idx, options, non_overlapping, score_thresh, where):
+    """Refined copies of one image's results (those refined to nothing are left out)."""
+    h, w = image.shape[:2]
+    masks = np.stack([decode(results[k], h, w, f"{where}, result {k}") for k in idx])
+    scores = np.array([float(results[k]["score"]) for k in idx])
+    out = refine_instances(refiner, image, masks, scores, options, non_overlapping=non_overlapping,
+                           select=scores >= score_thresh, where=where)
+    kept = []
+    for k, m in zip(idx, out):
+        if m.any():
+            kept.append(dict(results[k], segmentation=encode_mask(m)))
+    return kept
+
+
+def run(args):
+    if not Path(args.images).is_dir():
+        raise FileNotFoundError(f"image folder not found: {args.images}")
+    options = options_from_args(args)
+    results = load_results(args.pred_json)
+    gt = load_gt(args.gt_json, args.gt_dir)
+    class_agnostic = args.entity or args.gt_dir is not None
+    by_image, images = group_results(results, gt, args.pred_json)
+    out = Path(args.output)
+    settings = json.loads(json.dumps({"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights),
+                                      "non_overlapping": args.non_overlapping, "score_thresh": args.score_thresh,
+                                      "options": vars(options)}))
+    check_run_settings(out, settings)
+    refiner = make_refiner(args.weights, args.device)
+
+    from tqdm import tqdm
+
+    image_ids = list(by_image)[: args.limit if args.limit else None]
+    refined = []
+    for image_id in tqdm(image_ids, desc="CRM instances", unit="img"):
+        part = out / "parts" / f"{image_id}.json"
+        if part.is_file():
+            with open(part) as f:
+                refined.extend(json.load(f))
+            continue
+        im = images[image_id]
+        path = find_image(args.images, image_id, [im.get("file_name")])
+        image = read_image(path)
+        if (image.shape[0], image.shape[1]) != (im["height"], im["width"]):
+            raise ValueError(f"image {path} is {image.shape[1]}x{image.shape[0]} but the GT says "
+                             f"{im['width']}x{im['height']} (image_id {image_id})")
+        where = f"{args.pred_json} (image_id {image_id})"
+        kept = refine_image(refiner, image, results, by_image[image_id], options, args.non_overlapping,
+                            args.score_thresh, where)
+        write_json(part, kept)
+        refined.extend(kept)
+    write_json(out / "results.json", refined)
+    print(f"refined results: {out / 'results.json'}", file=sys.stderr)
+
+    keep = set(image_ids)
+    gt_sub = dict(gt, images=[im for im in gt["images"] if im["id"] in keep],
+                  annotations=[a for a in gt["annotations"] if a["image_id"] in keep])
+    base_results = [results[k] for i in image_ids for k in by_image[i]]
+    base = evaluate_masks(gt_sub, base_results, class_agnostic=class_agnostic)
+    if not refined:
+        raise ValueError("every mask was refined to nothing: no refined results to evaluate")
+    crm = evaluate_masks(gt_sub, refined, class_agnostic=class_agnostic)
+    kind = "entity (class-agnostic) mask AP" if class_agnostic else "mask AP"
+    payload = {"metric": kind, "without_crm": base, "with_crm": crm,
+               "difference": {k: crm[k] - base[k] for k in base}, "n_images": len(image_ids)}
+    write_json(out / "ap.json", payload)
+    if args.json:
+        print(json.dumps(payload, indent=1))
+    else:
+        print(f"{kind}, {len(image_ids)} images")
+        print(format_ap_table({"without CRM": base, "with CRM": crm}))
+    return 0

@@ -1,0 +1,209 @@
+"""`crm-d2 panoptic`: refine every segment of a COCO panoptic prediction with CRM and report PQ with and without.
+
+Outputs in OUT: `panoptic/` (refined PNGs, each with a `.segments.json` sidecar written after it: an image whose
+sidecar exists is done and skipped on rerun), `panoptic.json` (the refined predictions, COCO panoptic format),
+`pq.json` (numbers) and `run.json` (the settings; rerunning into OUT with other settings is refused, so that a
+resumed run never mixes two configurations).
+"""
+import copy
+import json
+import sys
+from pathlib import Path
+
+from crm_d2.io import read_image, write_json
+from crm_d2.panoptic.coco import PanopticSet, read_panoptic_sidecar, write_panoptic_image, write_panoptic_json
+from crm_d2.panoptic.merge import MERGE_RULES
+from crm_d2.panoptic.refine import TARGETS, SegmentRefineOptions, refine_panoptic
+
+NAME = "panoptic"
+HELP = "refine a COCO panoptic prediction with CRM; PQ/SQ/RQ with and without CRM"
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+# ----------------------------------------------------------------------------------------- shared with instances/demo
+def add_refine_arguments(parser, weights_default=None):
+    """Options shared by the panoptic, instances and demo commands."""
+    d = SegmentRefineOptions()
+    g = parser.add_argument_group("refinement")
+    g.add_argument("--weights", default=weights_default, required=weights_default is None,
+                   help="CRM weights: 'demo', a crm_d2 checkpoint or the released state_dict")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    g.add_argument("--targets", choices=TARGETS, default=d.targets, help="which segments to refine")
+    g.add_argument("--min-area", type=int, default=d.min_area, help="segments smaller than this keep their mask")
+    g.add_argument("--margin", type=float, default=d.margin, help="ROI context, fraction of the segment box")
+    g.add_argument("--max-side", type=int, default=d.max_side,
+                   help="cap on the encoder input long side per ROI (0 = no cap)")
+    g.add_argument("--scales", type=float, nargs="+", default=None, help="refinement scales (default: model's)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="segments refined per call")
+    g.add_argument("--merge", choices=MERGE_RULES, default=d.merge, help="overlap/gap rule (docs/panoptic.md)")
+    g.add_argument("--limit", type=int, default=None, help="only the first N images (quick looks)")
+
+
+def options_from_args(args):
+    return SegmentRefineOptions(targets=args.targets, min_area=args.min_area, margin=args.margin,
+                                max_side=args.max_side or None, scales=args.scales, batch_size=args.batch_size,
+                                merge=args.merge)
+
+
+def make_refiner(weights, device=None):
+    from crm_d2.refiner import Refiner
+
+    return Refiner(weights=weights, device=device)
+
+
+def check_run_settings(out_dir, settings):
+    """Record the settings of a run in OUT/run.json; refuse to resume into OUT under different settings."""
+    path = Path(out_dir) / "run.json"
+    if path.is_file():
+        with open(path) as f:
+            old = json.load(f)
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(f"{out_dir} holds a run with other settings ({', '.join(diff)} differ: "
+                             f"{ {k: old.get(k) for k in diff} }); use another -o or delete {path}")
+    else:
+        write_json(path, settings)
+
+
+def find_image(images_dir, image_id, file_names):
+    """Path of an image in `images_dir` from its COCO `images` file name, else the PNG's stem with any image
+    extension; FileNotFoundError names the image id and folder."""
+    images_dir = Path(images_dir)
+    for name in file_names:
+        if name and (images_dir / name).is_file():
+            return images_dir / name
+    for name in file_names:
+        if not name:
+            continue
+        stem = Path(name).stem
+        for ext in IMAGE_EXTS:
+            cand = images_dir / (stem + ext)
+            if cand.is_file():
+                return cand
+    raise FileNotFoundError(f"no image for image_id {image_id} ({', '.join(n for n in file_names if n)}) "
+                            f"in {images_dir}")
+
+
+def subset(pset, image_ids):
+    """A PanopticSet view restricted to `image_ids` (to evaluate base and refined on the same images)."""
+    view = copy.copy(pset)
+    keep = set(image_ids)
+    view.annotations = {i: a for i, a in pset.annotations.items() if i in keep}
+    view.by_file = {a["file_name"]: a for a in view.annotations.values()}
+    return view
+
+
+# ----------------------------------------------------------------------------------------- the job
+def refine_panoptic_set(refiner, images_dir, pred, out_dir, options, gt=None, limit=None, progress=True):
+    """Refine every annotation of `pred` (a PanopticSet) into out_dir/panoptic/ and write out_dir/panoptic.json.
+
+    Images with a finished output are skipped (resume). Returns the refined PanopticSet.
+    """
+    out_dir = Path(out_dir)
+    png_dir = out_dir / "panoptic"
+    if not pred.annotations:
+        raise ValueError(f"{pred.json_path} has no annotations: nothing to refine")
+    categories = pred.categories or (gt.categories if gt is not None else {})
+    if not categories:
+        raise ValueError(f"{pred.json_path} has no 'categories' (and no GT given): 'isthing' is needed to refine")
+    anns = list(pred.annotations.values())[: limit if limit else None]
+    if gt is not None:
+        for ann in anns:
+            if ann["image_id"] not in gt.annotations:
+                raise ValueError(f"{pred.json_path}: prediction {ann['file_name']} has image_id {ann['image_id']}, "
+                                 f"which is not in the ground truth {gt.json_path}")
+    images = dict(gt.images) if gt is not None else {}
+    images.update(pred.images)
+
+    from tqdm import tqdm
+
+    done = []
+    for ann in tqdm(anns, desc="CRM panoptic", unit="img", disable=not progress):
+        prev = read_panoptic_sidecar(png_dir, ann["file_name"])
+        if prev is not None:
+            done.append(prev)
+            continue
+        image_id = ann["image_id"]
+        image_path = find_image(images_dir, image_id, [images.get(image_id, {}).get("file_name"), ann["file_name"]])
+        where = f"{pred.png_path(ann)} (image_id {image_id})"
+        ids = pred.read_ids(ann, check=False)
+        image = read_image(image_path)
+        if image.shape[:2] != ids.shape:
+            raise ValueError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its panoptic PNG {where} "
+                             f"is {ids.shape[1]}x{ids.shape[0]}")
+        new_ids, segs = refine_panoptic(refiner, image, ids, ann["segments_info"], options, categories=categories,
+                                        where=where)
+        done.append(write_panoptic_image(png_dir, ann["file_name"], image_id, new_ids, segs))
+    images_out = [images[a["image_id"]] for a in done if a["image_id"] in images] or None
+    write_panoptic_json(out_dir / "panoptic.json", done, categories, images=images_out)
+    return PanopticSet(out_dir / "panoptic.json", png_dir)
+
+
+def evaluate(gt, pred, refined, workers=None):
+    """PQ of the original and the refined predictions on the refined images; returns (base, crm)."""
+    from crm_d2.panoptic.pq import pq_compute
+
+    ids = list(refined.annotations)
+    g, p = subset(gt, ids), subset(pred, ids)
+    base = pq_compute(g, None, p, None, workers=workers)
+    crm = pq_compute(g, None, refined, None, workers=workers)
+    return base, crm
+
+
+def report(base, crm, as_json=False, out_dir=None, extra=None, stream=None):
+    """Print the with/without table (or JSON) and save the numbers to out_dir/pq.json."""
+    from crm_d2.panoptic.pq import format_pq_table
+
+    stream = stream or sys.stdout
+    groups = ("all", "things", "stuff")
+    payload = {
+        "without_crm": {g: base[g] for g in groups},
+        "with_crm": {g: crm[g] for g in groups},
+        "difference": {g: {k: crm[g][k] - base[g][k] for k in ("pq", "sq", "rq")} for g in groups},
+        "n_images": crm["n_images"],
+        **(extra or {}),
+    }
+    if out_dir is not None:
+        write_json(Path(out_dir) / "pq.json", payload)
+    if as_json:
+        print(json.dumps(payload, indent=1), file=stream)
+    else:
+        print(format_pq_table({"without CRM": base, "with CRM": crm}), file=stream)
+        print(f"({crm['n_images']} images)", file=stream)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def add_arguments(parser):
+    parser.add_argument("--images", required=True, help="folder of the original images")
+    parser.add_argument("--pred-json", required=True, help="COCO panoptic predictions JSON")
+    parser.add_argument("--pred-dir", required=True, help="folder of the prediction PNGs")
+    parser.add_argument("--gt-json", default=None, help="COCO panoptic ground truth JSON (for the PQ table)")
+    parser.add_argument("--gt-dir", default=None, help="folder of the ground-truth PNGs")
+    parser.add_argument("-o", "--output", required=True, help="output folder (resumable)")
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    parser.add_argument("--workers", type=int, default=None, help="processes for PQ")
+    add_refine_arguments(parser)
+
+
+def run(args):
+    if (args.gt_json is None) != (args.gt_dir is None):
+        raise ValueError("--gt-json and --gt-dir go together")
+    if not Path(args.images).is_dir():
+        raise FileNotFoundError(f"image folder not found: {args.images}")
+    options = options_from_args(args)
+    pred = PanopticSet(args.pred_json, args.pred_dir)
+    gt = PanopticSet(args.gt_json, args.gt_dir) if args.gt_json else None
+    settings = {"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights),
+                "options": vars(options)}
+    settings = json.loads(json.dumps(settings))
+    check_run_settings(args.output, settings)
+    refiner = make_refiner(args.weights, args.device)
+    refined = refine_panoptic_set(refiner, args.images, pred, args.output, options, gt=gt, limit=args.limit)
+    print(f"refined panoptic predictions: {Path(args.output) / 'panoptic.json'}", file=sys.stderr)
+    if gt is None:
+        print("no --gt-json given: PQ not computed", file=sys.stderr)
+        return 0
+    base, crm = evaluate(gt, pred, refined, workers=args.workers)
+    report(base, crm, as_json=args.json, out_dir=args.output)
+    return 0

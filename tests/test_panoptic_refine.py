@@ -1,0 +1,179 @@
+"""Segment refinement (crm_d2.panoptic.refine): selection, batching, ROI options, well-formed merged output."""
+import numpy as np
+import pytest
+import torch
+
+from crm_d2.model import CRMConfig
+from crm_d2.panoptic.coco import check_segments
+from crm_d2.panoptic.refine import SegmentRefineOptions, refine_instances, refine_panoptic
+from crm_d2.refiner import Refiner
+
+
+class StubRefiner:
+    """Refiner stand-in with the contracted refine_batch; `fn(masks) -> probs` decides the output."""
+
+    def __init__(self, fn=None):
+        self.fn = fn or (lambda masks: masks.astype(np.float32))
+        self.calls = []
+
+    def refine_batch(self, image, masks, *, roi=False, margin=0.5, max_side=None, scales=None, output="prob"):
+        masks = np.asarray(masks)
+        self.calls.append({"n": len(masks), "areas": masks.reshape(len(masks), -1).sum(1).tolist(), "roi": roi,
+                           "margin": margin, "max_side": max_side, "scales": scales, "output": output})
+        return self.fn(masks)
+
+
+def panoptic_scene(h=48, w=64):
+    """Stuff 7 (top) and 8 (bottom), things 21 and 22, a 6-pixel thing 23, a void patch."""
+    rng = np.random.default_rng(0)
+    ids = np.zeros((h, w), np.uint32)
+    ids[: h // 2] = 7
+    ids[h // 2:] = 8
+    ids[8:30, 10:30] = 21
+    ids[20:40, 36:56] = 22
+    ids[2:4, 60:63] = 23
+    ids[44:, :6] = 0
+    segs = [{"id": 7, "category_id": 1, "isthing": 0}, {"id": 8, "category_id": 2, "isthing": 0},
+            {"id": 21, "category_id": 3, "isthing": 1, "score": 0.8},
+            {"id": 22, "category_id": 3, "isthing": 1, "score": 0.9},
+            {"id": 23, "category_id": 4, "isthing": 1, "score": 0.5}]
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    return image, ids, segs
+
+
+def test_identity_refiner_returns_the_input():
+    image, ids, segs = panoptic_scene()
+    stub = StubRefiner()
+    out, kept = refine_panoptic(stub, image, ids, segs)
+    np.testing.assert_array_equal(out, ids)
+    assert [s["id"] for s in kept] == [7, 8, 21, 22, 23]
+
+
+def test_selection_batching_and_options_reach_the_refiner():
+    image, ids, segs = panoptic_scene()
+    stub = StubRefiner()
+    opts = SegmentRefineOptions(targets="things", min_area=10, margin=0.3, max_side=512, batch_size=1,
+                                scales=(0.5, 1.0))
+    refine_panoptic(stub, image, ids, segs, opts)
+    # things only, the 6-pixel thing is below min_area; one segment per call
+    assert [c["areas"] for c in stub.calls] == [[int((ids == 21).sum())], [int((ids == 22).sum())]]
+    assert all(c["roi"] and c["margin"] == 0.3 and c["max_side"] == 512 and c["scales"] == (0.5, 1.0)
+               and c["output"] == "prob" for c in stub.calls)
+    stub = StubRefiner()
+    refine_panoptic(stub, image, ids, segs, SegmentRefineOptions(targets="stuff", batch_size=8))
+    assert len(stub.calls) == 1 and stub.calls[0]["n"] == 2
+    assert stub.calls[0]["scales"] is None  # None = the refiner's own scales (not passed)
+
+
+def test_isthing_from_categories_and_vanishing_segment_removed():
+    image, ids, segs = panoptic_scene()
+    cats = {1: {"id": 1, "isthing": 0}, 2: {"id": 2, "isthing": 0}, 3: {"id": 3, "isthing": 1},
+            4: {"id": 4, "isthing": 1}}
+    bare = [{k: v for k, v in s.items() if k != "isthing"} for s in segs]
+    area22 = int((ids == 22).sum())
+
+    def drop_22_to_stuff(masks):
+        p = masks.astype(np.float32)
+        for k, m in enumerate(masks):
+            if m.sum() == area22:
+                p[k] = 0  # thing 22 refined to nothing
+        return p
+
+    stub = StubRefiner(drop_22_to_stuff)
+    out, kept = refine_panoptic(stub, image, ids, bare, SegmentRefineOptions(merge="hybrid-nearest"),
+                                categories=cats)
+    assert 22 not in out and 22 not in [s["id"] for s in kept]
+    assert check_segments(out, kept) == {s["id"]: s["area"] for s in kept}
+    assert set(np.unique(out[20:40, 36:56]).tolist()) <= {7, 8}  # vacated: to the neighbouring stuff
+
+
+def test_random_tiny_refiner_gives_a_well_formed_result():
+    torch.manual_seed(0)
+    refiner = Refiner(weights=None, allow_random=True, device="cpu", config=CRMConfig.preset("tiny"),
+                      scales=(0.5, 1.0))
+    image, ids, segs = panoptic_scene()
+    out, kept = refine_panoptic(refiner, image, ids, segs, SegmentRefineOptions(min_area=10, max_side=64))
+    assert out.shape == ids.shape and out.dtype == ids.dtype
+    present = set(np.unique(out).tolist()) - {0}
+    assert present == {s["id"] for s in kept} and present <= {7, 8, 21, 22, 23}
+    areas = check_segments(out, kept)
+    assert all(areas[s["id"]] == s["area"] for s in kept)
+    assert (out[2:4, 60:63] == 23).all() or 23 not in present  # the small thing is never refined
+    assert all(set(s) >= {"id", "category_id", "isthing", "area"} for s in kept)
+
+
+def test_bad_panoptic_input():
+    image, ids, segs = panoptic_scene()
+    stub = StubRefiner()
+    with pytest.raises(ValueError, match=r"image x\.png is 64x40 \(WxH\) but its masks are 64x48"):
+        refine_panoptic(stub, image[:40], ids, segs, where="x.png")
+    with pytest.raises(ValueError, match=r"segment id\(s\) \[23\] in the PNG are not in the JSON in p\.png"):
+        refine_panoptic(stub, image, ids, segs[:4], where="p.png")
+    with pytest.raises(ValueError, match="targets must be one of"):
+        SegmentRefineOptions(targets="all")
+    with pytest.raises(ValueError, match="unknown merge rule"):
+        SegmentRefineOptions(merge="nope")
+    with pytest.raises(ValueError, match="has no 'isthing'"):
+        refine_panoptic(stub, image, ids, [{k: v for k, v in s.items() if k != "isthing"} for s in segs])
+
+
+def instance_masks(h=48, w=64):
+    m = np.zeros((3, h, w), bool)
+    m[0, 5:25, 5:25] = True
+    m[1, 15:35, 15:40] = True  # overlaps mask 0
+    m[2, 40:42, 50:52] = True  # tiny
+    return m
+
+
+def test_instances_overlap_allowed_and_independent():
+    image = np.zeros((48, 64, 3), np.uint8)
+    masks = instance_masks()
+
+    def grow(ms):
+        p = ms.astype(np.float32)
+        p[:, :, 1:] = np.maximum(p[:, :, 1:], p[:, :, :-1])  # every mask grows one column to the right
+        return p
+
+    stub = StubRefiner(grow)
+    out = refine_instances(stub, image, masks, [0.9, 0.8, 0.7], SegmentRefineOptions(min_area=10))
+    assert out.shape == masks.shape and out.dtype == bool
+    assert out[0, 5:25, 25].all() and out[1, 15:35, 40].all()
+    np.testing.assert_array_equal(out[2], masks[2])  # below min_area: untouched
+    assert stub.calls[0]["n"] == 2
+    out = refine_instances(stub, image, masks, [0.9, 0.8, 0.7], SegmentRefineOptions(min_area=1),
+                           select=[True, False, True])
+    np.testing.assert_array_equal(out[1], masks[1])
+
+
+def test_entities_non_overlapping():
+    image = np.zeros((48, 64, 3), np.uint8)
+    masks = instance_masks()
+    with pytest.raises(ValueError, match=r"masks #0 and #1 of the instance list img 7 overlap \(100 pixels\)"):
+        refine_instances(StubRefiner(), image, masks, [0.9, 0.8, 0.7], non_overlapping=True, where="img 7")
+    masks[1, 5:25, 5:25] = False
+    stub = StubRefiner(lambda ms: np.clip(ms.astype(np.float32) * 0.9 + 0.3 * (ms.sum(0, keepdims=True) == 0),
+                                          0, 1))
+    out = refine_instances(stub, image, masks, [0.5, 0.9, 0.7], SegmentRefineOptions(min_area=1),
+                           non_overlapping=True)
+    assert out.sum(0).max() <= 1
+    np.testing.assert_array_equal(out, masks)
+    grown = masks[0].copy()
+    grown[5:30, 5:30] = True  # mask 0 grows over free pixels and over part of mask 1
+
+    def grow_first(ms):
+        return np.stack([grown if (m == masks[0]).all() else m for m in ms]).astype(np.float32)
+
+    out = refine_instances(StubRefiner(grow_first), image, masks, [0.5, 0.9, 0.7], SegmentRefineOptions(min_area=1),
+                           non_overlapping=True)
+    assert out.sum(0).max() <= 1
+    assert out[0, 25:30, 5:15].all()  # free pixels go to mask 0
+    assert out[1, 25:30, 15:30].all()  # equally sure claims: the higher score (mask 1) keeps its pixels
+
+
+def test_instances_bad_input():
+    image = np.zeros((48, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="3 instance masks but 2 scores"):
+        refine_instances(StubRefiner(), image, instance_masks(), [0.9, 0.8])
+    with pytest.raises(ValueError, match="must be NxHxW"):
+        refine_instances(StubRefiner(), image, instance_masks()[0], [0.9])
+    assert refine_instances(StubRefiner(), image, np.zeros((0, 48, 64), bool), []).shape == (0, 48, 64)
