@@ -94,5 +94,5 @@ def reference_refine(model, image, mask, scales=(0.125, 0.25, 0.5, 1.0), chunk=R
             out.zero_()
         seg = (out - 0.5) * 2
         if timings is not None:
-            timings.append({"scale": s, "encoder": t1 - t0, "decoder": time.perf_counter() - t1})
+            timings.append({"scale": s, "encoder_s": t1 - t0, "decoder_s": time.perf_counter() - t1})
     return out[0, 0, 32:-32, 32:-32].cpu().numpy()
