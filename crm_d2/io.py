@@ -15,25 +15,25 @@ os.umask(_UMASK)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def read_image(path):
-    """Read a colour image as HxWx3 uint8 RGB; raise ValueError naming the file if it cannot be decoded."""
+def imread(path, flags, what="image"):
+    """cv2.imread that says which file is missing or undecodable instead of returning None."""
     path = str(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+        raise FileNotFoundError(f"{what} not found: {path}")
+    img = cv2.imread(path, flags)
     if img is None:
-        raise ValueError(f"cannot decode image {path} (corrupt or unsupported format)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        raise ValueError(f"cannot decode {what} {path} (corrupt or unsupported format)")
+    return img
+
+
+def read_image(path):
+    """Read a colour image as HxWx3 uint8 RGB; raise ValueError naming the file if it cannot be decoded."""
+    return cv2.cvtColor(imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
 def read_mask(path):
     """Read a single-channel mask as HxW uint8 (colour files are converted to grey)."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"mask not found: {path}")
-    m = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if m is None:
-        raise ValueError(f"cannot decode mask {path} (corrupt or unsupported format)")
+    m = imread(path, cv2.IMREAD_UNCHANGED, "mask")
     if m.ndim == 3:
         m = cv2.cvtColor(m[..., :3], cv2.COLOR_BGR2GRAY)
     if m.dtype == np.uint16:

@@ -5,7 +5,6 @@ from crm_d2.model import CRMConfig
 from crm_d2.reference import reference_refine
 from crm_d2.refiner import Refiner, roi_box, stage_scales
 
-from conftest import randomize_model
 
 
 @pytest.fixture

@@ -5,13 +5,12 @@ checked against each other in one place and a bad file is reported by name and s
 as a wrong number. Writers are atomic and keep PNG and JSON in agreement (segments absent from the PNG are dropped).
 """
 import json
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from crm_d2.io import write_json, write_png
+from crm_d2.io import imread, write_json, write_png
 
 __all__ = [
     "VOID", "rgb2id", "id2rgb", "read_panoptic_png", "PanopticSet", "load_panoptic", "check_segments", "check_areas",
@@ -51,12 +50,7 @@ def id2rgb(ids):
 
 def read_panoptic_png(path):
     """Read a panoptic PNG as HxW uint32 ids; FileNotFoundError / ValueError name the file."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"panoptic PNG not found: {path}")
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError(f"cannot decode panoptic PNG {path}")
+    img = imread(path, cv2.IMREAD_UNCHANGED, "panoptic PNG")
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in (3, 4):
         raise ValueError(f"panoptic PNG {path} must be 8-bit RGB, got dtype {img.dtype} shape {img.shape}")
     return rgb2id(img[..., 2::-1])
