@@ -1,0 +1,668 @@
+"""Train CRM: YAML config + dotted overrides, the released optimisation recipe, resumable to the bit.
+
+    crm-d2 train --config configs/crm_tiny_cpu.yaml solver.max_iter=100
+    torchrun --nproc_per_node=8 -m crm_d2.cli train --config configs/crm_r50_paper.yaml
+
+Resume contract: a checkpoint written after iteration k holds the model, optimizer, scheduler, AMP scaler, every
+rank's RNG states (torch, CUDA, numpy, python) and k. The data stream is a pure function of (seed, position)
+(`crm_d2.train.data.StreamSampler`), and the DataLoader draws its worker seeds from a private generator, so a run
+resumed from k computes exactly what the uninterrupted run computed after k (bit-identical on CPU; on CUDA as
+deterministic as the kernels are).
+"""
+import copy
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.utils.data import DataLoader
+
+from crm_d2.checkpoint import load_checkpoint, load_state, save_checkpoint
+from crm_d2.model import CRM, CRMConfig, normalize_input
+from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, val_samples
+from crm_d2.train.losses import CRMLoss
+from crm_d2.train.perturb import PerturbConfig
+
+logger = logging.getLogger("crm_d2.train")
+
+__all__ = ["DEFAULTS", "load_config", "apply_overrides", "Trainer", "train_from_args", "load_imagenet_encoder"]
+
+# Every key a config may set; a config file or an override naming anything else is an error (typos fail loudly).
+DEFAULTS = {
+    "model": {"preset": "r50", "layers": None, "width": None, "hidden": None, "depth": None, "dropout": None,
+              "init": None,  # ImageNet ResNet-50 state_dict (torchvision names) for the encoder
+              "weights": None},  # whole-model start (crm_d2 checkpoint or the released file), e.g. to fine-tune
+    "data": {
+        "train": [],
+        "val": [],
+        "empty": "keep",  # empty masks: keep (as negatives) or skip
+        "crop_size": 224,
+        "num_workers": 2,
+        "perturb": {},  # crm_d2.train.perturb.PerturbConfig fields
+        "val_perturb": None,  # coarse masks for validation pairs without one (default: perturb)
+    },
+    "solver": {
+        "batch_size": 12,  # total over all processes
+        "lr": 2.25e-4,
+        "weight_decay": 1e-4,
+        "max_iter": 45000,
+        "steps": [22500, 37500],
+        "gamma": 0.1,
+        "amp": True,  # CUDA only (float16 autocast + GradScaler)
+        "sync_bn": False,
+        "grad_clip": None,
+    },
+    "loss": {"bce": 1.0, "l1": 0.5, "l2": 0.5, "grad": 2.0},
+    # Periodic validation reads at most max_items items; the one at max_iter reads them all.
+    "val": {"period": 5000, "max_items": None, "scales": [0.125, 0.25, 0.5, 1.0], "seed": 0},
+    "checkpoint": {"period": 1000, "keep": 3, "export_half": False},
+    "log": {"period": 20, "tensorboard": True},
+    "output_dir": "runs/crm",
+    "seed": 0,
+    "device": None,  # None = cuda when available
+    "cpu_threads": None,  # torch threads of the training process on CPU (None = torch's default)
+}
+
+
+# ----------------------------------------------------------------------------------------------- config
+def _merge(base, new, where=""):
+    out = copy.deepcopy(base)
+    for k, v in (new or {}).items():
+        if k not in out:
+            raise ValueError(f"unknown config key {where}{k!r}; known: {sorted(out)}")
+        if isinstance(out[k], dict) and isinstance(v, dict) and k not in ("perturb",):
+            out[k] = _merge(out[k], v, f"{where}{k}.")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path, seen=()):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    if path.resolve() in seen:
+        raise ValueError(f"config {path} includes itself through _base_")
+    with open(path) as f:
+        try:
+            cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {path} must be a mapping at the top level")
+    base = cfg.pop("_base_", None)
+    if base:
+        parent = _read_yaml(path.parent / base, seen + (path.resolve(),))
+        cfg = _deep_update(parent, cfg)
+    return cfg
+
+
+def _deep_update(base, new):
+    out = copy.deepcopy(base)
+    for k, v in new.items():
+        out[k] = _deep_update(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def apply_overrides(cfg, overrides):
+    """Apply KEY=VALUE strings (dotted keys, list indices allowed: data.train.0.root=...); values are YAML."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node, parts = cfg, key.strip().split(".")
+        for i, part in enumerate(parts):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ValueError(f"override {key}: {part!r} is not an index of a {len(node)}-element list")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ValueError(f"override {key}: {'.'.join(parts[:i]) or key} is not a mapping")
+            if i == len(parts) - 1:
+                node[part] = value  # unknown keys are rejected by the validation that follows
+            else:
+                if isinstance(node, dict) and part not in node:
+                    raise ValueError(f"override {key}: unknown key {part!r}; known: {sorted(node)}")
+                node = node[part]
+    return cfg
+
+
+def load_config(path=None, overrides=()):
+    """DEFAULTS <- YAML file (with optional `_base_: other.yaml`) <- overrides, validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    base_dir = None
+    if path is not None:
+        cfg = _merge(cfg, _read_yaml(path))
+        base_dir = str(Path(path).resolve().parent)
+    cfg = apply_overrides(cfg, overrides)
+    cfg = _merge(DEFAULTS, cfg)  # re-validate keys after overrides
+    cfg["_base_dir"] = base_dir
+    s = cfg["solver"]
+    # PyYAML reads "1e-3" (no dot) as a string: numbers are coerced here rather than failing deep in torch.
+    try:
+        for k in ("lr", "weight_decay", "gamma"):
+            s[k] = float(s[k])
+        for k in ("max_iter", "batch_size"):
+            s[k] = int(s[k])
+        s["steps"] = [int(v) for v in s["steps"]]
+        cfg["loss"] = {k: float(v) for k, v in cfg["loss"].items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config: a solver/loss value is not a number ({exc})") from None
+    if int(s["max_iter"]) < 1 or int(s["batch_size"]) < 1:
+        raise ValueError("solver.max_iter and solver.batch_size must be positive")
+    if list(s["steps"]) != sorted(s["steps"]):
+        raise ValueError(f"solver.steps must be increasing, got {s['steps']}")
+    PerturbConfig.from_dict(cfg["data"]["perturb"])  # fail early on bad perturbation options
+    return cfg
+
+
+def model_config(cfg):
+    m = dict(cfg["model"])
+    m.pop("init", None)
+    m.pop("weights", None)
+    preset = m.pop("preset", None)
+    base = CRMConfig.preset(preset).to_dict() if preset else CRMConfig().to_dict()
+    base.update({k: v for k, v in m.items() if v is not None})
+    return CRMConfig.from_dict(base)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def load_imagenet_encoder(model, path):
+    """Initialise the encoder from an ImageNet ResNet state_dict (torchvision names), as released: conv1's
+    extra mask channel is zero, layer4 and fc are ignored. Returns the number of tensors loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ImageNet weights not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a ResNet state_dict")
+    state = {re.sub(r"^(module\.)?(backbone\.)?", "", k): v for k, v in state.items()}
+    own = model.feats.state_dict()
+    new, loaded = {}, 0
+    for k, v in own.items():
+        src = state.get(k)
+        if src is None:
+            continue
+        if k == "conv1.weight" and src.shape[1] == 3 and v.shape[1] == 4:
+            src = torch.cat([src, torch.zeros_like(src[:, :1])], 1)
+        if src.shape != v.shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(src.shape)}, the encoder needs {tuple(v.shape)} "
+                             f"(ImageNet init needs the r50 architecture)")
+        new[k] = src.to(v.dtype)
+        loaded += 1
+    if "conv1.weight" not in new or "layer1.0.conv1.weight" not in new:
+        raise ValueError(f"{path}: does not look like a torchvision ResNet state_dict (no conv1/layer1 weights)")
+    model.feats.load_state_dict(new, strict=False)
+    return loaded
+
+
+def _rng_state():
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _scheduler_state(sched):
+    s = sched.state_dict()
+    s["milestones"] = dict(s["milestones"])  # Counter is not in torch.load's weights_only allow-list
+    return s
+
+
+def _load_scheduler_state(sched, s):
+    s = dict(s)
+    s["milestones"] = Counter(s["milestones"])
+    sched.load_state_dict(s)
+
+
+_MP_CONTEXT = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
+
+
+def _worker_init(_):
+    # Loader processes handle one sample at a time: OpenCV's thread pool would only oversubscribe the cores.
+    # (torch already runs its workers single-threaded.)
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+class _DistEnv:
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+
+    def __init__(self, device=None):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("device cuda requested but CUDA is not available")
+            if self.world_size > 1:
+                device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.world_size > 1 and not dist.is_initialized():
+            # Rank 0 validates while the others wait at a barrier: allow long validations.
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def gather(self, obj):
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+class _JsonLog:
+    """metrics.jsonl: one JSON object per line; on resume, rows past the resumed iteration are dropped."""
+
+    def __init__(self, path, resume_iter=None):
+        self.path = Path(path)
+        if resume_iter is not None and self.path.exists():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("iter", 0) <= resume_iter:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    pass  # a line cut by the kill
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif resume_iter is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _finite(x):
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Builds everything from a config dict (see `load_config`) and runs `train()`."""
+
+    def __init__(self, cfg, output_dir=None, resume=False, device=None):
+        self.cfg = cfg
+        self.env = _DistEnv(device or cfg.get("device"))
+        self.device = self.env.device
+        if self.device.type == "cpu" and cfg.get("cpu_threads"):
+            torch.set_num_threads(int(cfg["cpu_threads"]))
+        self.out = Path(output_dir or cfg["output_dir"])
+        sol = cfg["solver"]
+        if sol["batch_size"] % self.env.world_size:
+            raise ValueError(f"solver.batch_size {sol['batch_size']} is not divisible by {self.env.world_size} "
+                             "processes")
+        self.batch_per_rank = sol["batch_size"] // self.env.world_size
+        self.max_iter = int(sol["max_iter"])
+        seed = int(cfg["seed"])
+
+        # Same initial weights on every rank; per-rank RNG streams afterwards (dropout differs across ranks).
+        torch.manual_seed(seed)
+        self.model_cfg = model_config(cfg)
+        model = CRM(self.model_cfg)
+        if cfg["model"]["init"]:
+            n = load_imagenet_encoder(model, self._path(cfg["model"]["init"]))
+            logger.info("encoder initialised from %s (%d tensors)", cfg["model"]["init"], n)
+        if cfg["model"]["weights"]:
+            start = load_checkpoint(self._path(cfg["model"]["weights"]))
+            if start["config"] != self.model_cfg:
+                raise ValueError(f"model.weights {cfg['model']['weights']} holds architecture "
+                                 f"{start['config'].to_dict()}, the config asks for {self.model_cfg.to_dict()}")
+            load_state(model, start["model"], source=str(cfg["model"]["weights"]))
+        model.to(self.device)
+        if sol["sync_bn"] and self.env.world_size > 1:
+            if self.device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif self.env.main:
+                logger.warning("solver.sync_bn needs CUDA: ignored on %s", self.device)
+        self.model = model
+        self.ddp = None
+        if self.env.world_size > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=sol["lr"], weight_decay=sol["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(sol["steps"]), sol["gamma"])
+        self.amp = bool(sol["amp"]) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.criterion = CRMLoss(**cfg["loss"])
+        self.iteration = 0
+        self.last_lr = sol["lr"]
+        torch.manual_seed(seed + self.env.rank)
+        np.random.seed((seed + self.env.rank) % 2**32)
+        random.seed(seed + self.env.rank)
+
+        resume_iter = None
+        if not resume and self.env.main and self.last_checkpoint() is not None:
+            logger.warning("%s already holds checkpoints: starting from scratch and replacing them "
+                           "(pass --resume to continue instead)", self.out)
+        if resume:
+            ckpt = self.last_checkpoint()
+            if ckpt is None:
+                logger.info("--resume: no checkpoint in %s, starting from scratch", self.out)
+            else:
+                self._restore(ckpt)
+                resume_iter = self.iteration
+        if self.env.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.jsonl = _JsonLog(self.out / "metrics.jsonl", resume_iter)
+            self.tb = self._tensorboard()
+            with open(self.out / "config.yaml", "w") as f:
+                yaml.safe_dump({k: v for k, v in cfg.items() if not k.startswith("_")}, f, sort_keys=False)
+        self._refiner = None
+
+    # ------------------------------------------------------------------------------------------- paths
+    def _path(self, p):
+        p = Path(os.path.expanduser(str(p)))
+        if not p.is_absolute() and self.cfg.get("_base_dir") and not p.exists():
+            cand = Path(self.cfg["_base_dir"]) / p
+            if cand.exists():
+                return cand
+        return p
+
+    def _tensorboard(self):
+        if not self.cfg["log"]["tensorboard"]:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.info("tensorboard not installed: logging to metrics.jsonl and the console only")
+            return None
+        return SummaryWriter(str(self.out / "tb"))
+
+    def last_checkpoint(self):
+        marker = self.out / "last_checkpoint"
+        if marker.exists():
+            path = self.out / marker.read_text().strip()
+            if path.exists():
+                return path
+        found = sorted(self.out.glob("model_[0-9]*.pth"))
+        return found[-1] if found else None
+
+    # ------------------------------------------------------------------------------------------- state
+    def _restore(self, path):
+        ckpt = load_checkpoint(path)
+        if ckpt.get("format") != "crm_d2" or "optimizer" not in ckpt:
+            raise ValueError(f"{path} is not a training checkpoint (no optimizer state); use model.init for weights")
+        if ckpt["config"] != self.model_cfg:
+            raise ValueError(f"{path} holds architecture {ckpt['config'].to_dict()}, the config asks for "
+                             f"{self.model_cfg.to_dict()}")
+        load_state(self.model, ckpt["model"], source=str(path))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        _load_scheduler_state(self.scheduler, ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = int(ckpt["iteration"])
+        states = ckpt.get("rng") or []
+        if len(states) == self.env.world_size:
+            _set_rng_state(states[self.env.rank])
+        else:
+            logger.warning("%s was written by %d processes, this run has %d: RNG streams are reseeded, the "
+                           "continuation is not bit-identical", path, len(states), self.env.world_size)
+            torch.manual_seed(int(self.cfg["seed"]) + self.iteration + self.env.rank)
+        if self.env.main:
+            logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def save(self, final=False):
+        rng = self.env.gather(_rng_state())
+        if not self.env.main:
+            return None
+        name = f"model_{self.iteration:07d}.pth"
+        meta = {"iteration": self.iteration, "preset": self.cfg["model"]["preset"]}
+        save_checkpoint(
+            self.out / name, self.model, self.model_cfg, meta=meta,
+            optimizer=self.optimizer.state_dict(), scheduler=_scheduler_state(self.scheduler),
+            scaler=self.scaler.state_dict() if self.amp else None, iteration=self.iteration, rng=rng,
+            sampler={"position": self.iteration * self.cfg["solver"]["batch_size"], "seed": int(self.cfg["seed"])},
+            train_config={k: v for k, v in self.cfg.items() if not k.startswith("_")},
+        )
+        tmp = self.out / ".last_checkpoint.tmp"
+        tmp.write_text(name + "\n")
+        os.replace(tmp, self.out / "last_checkpoint")
+        keep = int(self.cfg["checkpoint"]["keep"] or 0)
+        if keep > 0:
+            for old in sorted(self.out.glob("model_[0-9]*.pth"))[:-keep]:
+                old.unlink()
+        return self.out / name
+
+    def export(self):
+        """Weights-only files for inference: model_final.pth (fp32) and, if asked, model_final_fp16.pth."""
+        meta = {"iteration": self.iteration, "trained_with": "crm-d2 train",
+                "data": [str(s.get("root", s.get("type"))) for s in self.cfg["data"]["train"]]}
+        paths = [save_checkpoint(self.out / "model_final.pth", self.model, self.model_cfg, meta=meta)]
+        if self.cfg["checkpoint"]["export_half"]:
+            paths.append(save_checkpoint(self.out / "model_final_fp16.pth", self.model, self.model_cfg, meta=meta,
+                                         half=True))
+        return paths
+
+    # ------------------------------------------------------------------------------------------- data
+    def _perturb(self, key="perturb"):
+        d = self.cfg["data"].get(key)
+        return PerturbConfig.from_dict(self.cfg["data"]["perturb"] if d is None else d)
+
+    def train_loader(self):
+        dcfg = self.cfg["data"]
+        items = build_items(dcfg["train"], "train", self.cfg.get("_base_dir"), dcfg["empty"])
+        dataset = CRMTrainDataset(items, dcfg["crop_size"], self._perturb(), seed=int(self.cfg["seed"]))
+        sampler = StreamSampler(len(dataset), self.batch_per_rank, int(self.cfg["seed"]), self.env.rank,
+                                self.env.world_size, start_iter=self.iteration)
+        workers = int(dcfg["num_workers"])
+        # A private generator: creating the loader must not consume the global torch RNG (resume exactness).
+        gen = torch.Generator().manual_seed(int(self.cfg["seed"]))
+        loader = DataLoader(dataset, batch_size=self.batch_per_rank, sampler=sampler, num_workers=workers,
+                            pin_memory=self.device.type == "cuda", drop_last=True, generator=gen,
+                            worker_init_fn=_worker_init if workers > 0 else None,
+                            # Workers start from a clean forkserver, not a fork of this process: forking after
+                            # OpenCV/OpenMP thread pools have run can leave a worker hung at its first call.
+                            multiprocessing_context=_MP_CONTEXT if workers > 0 else None,
+                            persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+        return loader, len(items)
+
+    # ------------------------------------------------------------------------------------------- loop
+    def step(self, batch):
+        image = batch["image"].to(self.device, non_blocking=True)
+        gt = batch["gt"].to(self.device, non_blocking=True)
+        coarse = batch["coarse"].to(self.device, non_blocking=True)
+        net = self.ddp or self.model
+        self.model.train()
+        with torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext():
+            logits = net(normalize_input(image, coarse))
+        loss, parts = self.criterion(logits, gt)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss is {loss.item()} at iteration {self.iteration + 1}; lower solver.lr or "
+                               "check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg["solver"]["grad_clip"]:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg["solver"]["grad_clip"]))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this iteration used
+        self.scheduler.step()
+        self.iteration += 1
+        return loss.detach(), parts
+
+    def train(self, stop_at=None):
+        """Run to solver.max_iter (or stop after iteration `stop_at`, as a kill would after a checkpoint).
+
+        Returns the last validation summary (or None)."""
+        from tqdm import tqdm
+
+        end = self.max_iter if stop_at is None else min(self.max_iter, int(stop_at))
+        if self.iteration >= self.max_iter:
+            logger.info("already trained to iteration %d (solver.max_iter)", self.iteration)
+            return None
+        loader, n_items = self.train_loader()
+        if self.env.main:
+            logger.info("training %s on %d items, %d processes x %d crops of %s px, iterations %d -> %d, output %s",
+                        self.model_cfg.to_dict(), n_items, self.env.world_size, self.batch_per_rank,
+                        self.cfg["data"]["crop_size"], self.iteration, self.max_iter, self.out)
+        ck_period = int(self.cfg["checkpoint"]["period"] or 0)
+        val_period = int(self.cfg["val"]["period"] or 0)
+        log_period = max(1, int(self.cfg["log"]["period"]))
+        bar = tqdm(total=self.max_iter, initial=self.iteration, disable=not self.env.main, dynamic_ncols=True,
+                   desc="train", file=sys.stderr)
+        sums, count, t_data, t0 = {}, 0, 0.0, time.perf_counter()
+        summary = None
+        data_iter = iter(loader)
+        try:
+            while self.iteration < end:
+                td = time.perf_counter()
+                batch = next(data_iter)
+                t_data += time.perf_counter() - td
+                loss, parts = self.step(batch)
+                for k, v in [("loss", loss)] + list(parts.items()):
+                    sums[k] = sums.get(k, 0.0) + v  # tensors: no device sync until the log line
+                count += 1
+                bar.update(1)
+                it = self.iteration
+                if it % log_period == 0 or it == end:
+                    dt = time.perf_counter() - t0
+                    keys = sorted(sums)
+                    values = torch.stack([sums[k].float() for k in keys]) / count
+                    if self.env.world_size > 1:  # the mean over all processes, as one would compute unsplit
+                        dist.all_reduce(values)
+                        values /= self.env.world_size
+                    row = {"iter": it, **dict(zip(keys, values.tolist())),
+                           "lr": self.last_lr, "time_per_iter": dt / count,
+                           "data_time": t_data / count}
+                    if self.env.main:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                        self.jsonl.write(row)
+                        if self.tb:
+                            for k, v in row.items():
+                                if k != "iter":
+                                    self.tb.add_scalar(f"train/{k}", v, it)
+                    sums, count, t_data, t0 = {}, 0, 0.0, time.perf_counter()
+                if ck_period and (it % ck_period == 0 or it == self.max_iter):
+                    self.save()
+                if it == self.max_iter and self.cfg["data"]["val"]:
+                    summary = self.validate(full=True)
+                elif val_period and it % val_period == 0:
+                    summary = self.validate()
+        finally:
+            bar.close()
+            del data_iter
+        if self.iteration >= self.max_iter and self.env.main:
+            for p in self.export():
+                logger.info("wrote %s", p)
+        self.env.barrier()
+        return summary
+
+    # ------------------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self, full=False):
+        """IoU / mBA (crm_d2.metrics) of coarse and refined masks on the held-out data, with the Refiner.
+
+        Periodic validations stop after val.max_items items; the final one (full=True) uses them all."""
+        specs = self.cfg["data"]["val"]
+        if not specs:
+            return None
+        summary = None
+        if self.env.main:
+            from tqdm import tqdm
+
+            from crm_d2.metrics import RefinementMetrics
+            from crm_d2.refiner import Refiner
+
+            if self._refiner is None:
+                # Built with a random init that must not advance the training RNG (resume exactness).
+                with torch.random.fork_rng(devices=[]):
+                    self._refiner = Refiner(None, device=self.device, scales=self.cfg["val"]["scales"],
+                                            allow_random=True, config=self.model_cfg)
+            self._refiner.model.load_state_dict(self.model.state_dict())
+            self._refiner.model.eval()
+            items = build_items(specs, "val", self.cfg.get("_base_dir"), "keep")
+            cap = int(self.cfg["val"]["max_items"] or 0)
+            if cap and not full and len(items) > cap:  # evenly spread, so that every source is represented
+                items = [items[i] for i in np.linspace(0, len(items) - 1, cap).round().astype(int)]
+            metrics = RefinementMetrics()
+            samples = val_samples(items, self._perturb("val_perturb"), seed=int(self.cfg["val"]["seed"]))
+            for name, image, gt, coarse in tqdm(samples, total=len(items), desc="val", leave=False,
+                                                file=sys.stderr, dynamic_ncols=True):
+                try:
+                    prob = self._refiner.refine(image, coarse, output="prob")
+                except ValueError as exc:  # e.g. an image too small for CRM's padding
+                    logger.warning("validation: skipping %s: %s", name, exc)
+                    continue
+                metrics.update(prob, gt, coarse, name=name)
+            summary = metrics.summary()
+            row = {"iter": self.iteration, "val/full": bool(full),
+                   **{f"val/{k}": _finite(v) if k != "n" else v for k, v in summary.items()}}
+            self.jsonl.write(row)
+            if self.tb:
+                for k in ("iou", "mba", "coarse_iou", "coarse_mba"):
+                    if _finite(summary.get(k)) is not None:
+                        self.tb.add_scalar(f"val/{k}", summary[k], self.iteration)
+            logger.info("iter %d validation on %d images: IoU %.2f (coarse %.2f), mBA %.2f (coarse %.2f)",
+                        self.iteration, summary["n"], summary["iou"], summary["coarse_iou"] or float("nan"),
+                        summary["mba"], summary["coarse_mba"] or float("nan"))
+        self.env.barrier()
+        return summary
+
+
+# ----------------------------------------------------------------------------------------------- CLI glue
+def _setup_logging(main):
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if main else logging.WARNING,
+                            format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+
+
+def train_from_args(args):
+    """Entry point of `crm-d2 train` and tools/train_crm.py."""
+    cfg = load_config(args.config, args.overrides)
+    rank = int(os.environ.get("RANK", "0"))
+    _setup_logging(rank == 0)
+    trainer = Trainer(cfg, output_dir=args.output, resume=args.resume, device=getattr(args, "device", None))
+    try:
+        trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,272 @@
+import argparse
+import json
+import logging
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from crm_d2.checkpoint import load_checkpoint, load_model
+from crm_d2.model import CRM, CRMConfig
+from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, list_fss, list_pairs
+from crm_d2.train.synthetic import make_scene, write_big_folder, write_pairs_folder
+from crm_d2.train.trainer import Trainer, load_config, load_imagenet_encoder
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Training steps are many small ops: on the shared CPU one thread is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(tmp_path, *overrides):
+    base = [
+        "model.preset=tiny",
+        "data.train=[{type: synthetic, count: 6, size: 48, seed: 1}]",
+        "data.val=[]",
+        "data.crop_size=32",
+        "data.num_workers=0",
+        "data.perturb={lowres_prob: 0.5}",
+        "solver.batch_size=2",
+        "solver.max_iter=4",
+        "solver.steps=[3]",
+        "checkpoint.period=2",
+        "checkpoint.keep=0",
+        "log.period=1",
+        "log.tensorboard=false",
+        f"output_dir={tmp_path}",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_config_file_base_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {preset: tiny}\nsolver: {max_iter: 50, steps: [10, 20]}\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nsolver: {lr: 0.001}\n"
+                                         "data: {train: [{type: synthetic, count: 2}]}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["solver.max_iter=7", "data.train.0.count=3", "seed=5"])
+    assert cfg["model"]["preset"] == "tiny" and cfg["solver"]["lr"] == 0.001
+    assert cfg["solver"]["max_iter"] == 7 and cfg["solver"]["steps"] == [10, 20]
+    assert cfg["data"]["train"][0]["count"] == 3 and cfg["seed"] == 5
+    assert cfg["solver"]["weight_decay"] == 1e-4  # default recipe
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(tmp_path / "child.yaml", ["solver.lrr=1"])
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(None, ["nope.x=1"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        load_config(None, ["solver.lr"])
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paper = load_config(root / "crm_r50_paper.yaml")
+    assert paper["solver"]["batch_size"] == 12 and paper["solver"]["max_iter"] == 45000
+    assert paper["solver"]["steps"] == [22500, 37500] and paper["data"]["crop_size"] == 224
+    assert paper["solver"]["lr"] == 2.25e-4 and paper["solver"]["weight_decay"] == 1e-4
+    for name in ("crm_tiny_cpu.yaml", "crm_demo.yaml"):
+        cfg = load_config(root / name)
+        assert cfg["model"]["preset"] == "tiny"
+        tr = {(s["root"], s.get("holdout_every")) for s in cfg["data"]["train"]}
+        assert tr == {(s["root"], s.get("holdout_every")) for s in cfg["data"]["val"]}
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _pair(folder, name, size=(40, 50), empty=False, ext=".jpg"):
+    s = make_scene(size, abs(hash(name)) % 1000)
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / f"{name}{ext}"), s.image[..., ::-1])
+    cv2.imwrite(str(folder / f"{name}.png"), np.zeros_like(s.gt) if empty else s.gt)
+
+
+def test_sources_splits_and_empty_masks(tmp_path):
+    for i in range(5):
+        _pair(tmp_path / "flat", f"a{i}", empty=(i == 2))
+    (tmp_path / "flat" / "notes.txt").write_text("ignored")
+    (tmp_path / "sub" / "images").mkdir(parents=True)
+    (tmp_path / "sub" / "masks").mkdir()
+    cv2.imwrite(str(tmp_path / "sub" / "images" / "b0.jpg"), np.zeros((40, 50, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "sub" / "masks" / "b0.png"), np.zeros((40, 50), np.uint8) + 255)
+    for cls in ("cat", "dog"):
+        for i in (1, 2):
+            _pair(tmp_path / "fss" / cls, str(i))
+    write_big_folder(tmp_path / "big", 2, size=(48, 64))
+
+    assert [it.name for it in list_pairs(tmp_path / "flat")] == [f"a{i}" for i in range(5)]
+    assert [it.image.name for it in list_pairs(tmp_path / "sub")] == ["b0.jpg"]
+    assert [it.name for it in list_fss(tmp_path / "fss")] == ["cat/1", "cat/2", "dog/1", "dog/2"]
+
+    specs = [{"type": "pairs", "root": str(tmp_path / "flat"), "holdout_every": 2},
+             {"type": "pairs", "root": "sub"}, {"type": "fss", "root": str(tmp_path / "fss")},
+             {"type": "big", "root": str(tmp_path / "big")}, {"type": "synthetic", "count": 2}]
+    train = build_items(specs, "train", base_dir=tmp_path)
+    val = build_items(specs, "val", base_dir=tmp_path)
+    flat_train = [it.name for it in train if it.name.startswith("flat/")]
+    flat_val = [it.name for it in val if it.name.startswith("flat/")]
+    assert flat_train == ["flat/a1", "flat/a3"] and flat_val == ["flat/a0", "flat/a2", "flat/a4"]
+    assert len(train) == 2 + 1 + 4 + 2 + 2
+    assert sum(it.coarse is not None for it in train) == 2  # BIG's _seg.png
+    skipped = build_items(specs, "val", base_dir=tmp_path, empty="skip")
+    assert "flat/a2" not in [it.name for it in skipped] and len(skipped) == len(val) - 1
+    with pytest.raises(ValueError, match="unknown type"):
+        build_items([{"type": "coco", "root": str(tmp_path)}])
+    with pytest.raises(ValueError, match="unknown keys"):
+        build_items([{"type": "synthetic", "cuont": 3}])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_items([{"type": "pairs", "root": str(tmp_path / "nowhere")}])
+
+
+def test_undecodable_image_is_reported_and_skipped(tmp_path, caplog):
+    _pair(tmp_path, "good")
+    _pair(tmp_path, "bad")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    items = list_pairs(tmp_path)
+    ds = CRMTrainDataset(items, crop_size=32, seed=0)
+    bad = [it.name for it in items].index("bad")
+    with caplog.at_level(logging.WARNING):
+        sample = ds[(bad, 0)]
+    assert "bad" in caplog.text and "bad.jpg" in caplog.text
+    assert sample["image"].shape == (3, 32, 32)
+    assert "bad" in ds._bad
+
+
+def test_samples_are_a_function_of_position(tmp_path):
+    write_pairs_folder(tmp_path, 3, size=(40, 60))
+    ds = CRMTrainDataset(list_pairs(tmp_path), crop_size=64, seed=3)
+    a, b, c = ds[(1, 10)], ds[(1, 10)], ds[(1, 11)]
+    for k in ("image", "gt", "coarse"):
+        assert torch.equal(a[k], b[k])
+    assert not torch.equal(a["image"], c["image"]) or not torch.equal(a["coarse"], c["coarse"])
+    assert a["image"].shape == (3, 64, 64) and a["gt"].shape == a["coarse"].shape == (1, 64, 64)
+    assert 0 <= a["image"].min() and a["image"].max() <= 1
+    # Images smaller than the crop are zero-padded: the 40x60 picture fills 2400 of the 4096 pixels.
+    assert (a["image"].abs().sum(0) > 0).sum() <= 40 * 60
+
+
+def test_stream_sampler_resumes_and_splits_ranks():
+    full = StreamSampler(7, batch_size=3, seed=1)
+    it = iter(full)
+    stream = [next(it) for _ in range(3 * 6)]
+    assert sorted(i for i, _ in stream[:7]) == list(range(7))  # each epoch is a permutation
+    later = iter(StreamSampler(7, batch_size=3, seed=1, start_iter=4))
+    assert [next(later) for _ in range(6)] == stream[12:18]
+    r0 = iter(StreamSampler(7, batch_size=2, seed=1, rank=0, world_size=2))
+    r1 = iter(StreamSampler(7, batch_size=2, seed=1, rank=1, world_size=2))
+    positions = [next(r0)[1] for _ in range(4)] + [next(r1)[1] for _ in range(4)]
+    assert sorted(positions) == list(range(8))
+
+
+# ----------------------------------------------------------------------------------------------- training
+def test_training_steps_reduce_the_loss(tmp_path):
+    cfg = tiny_cfg(tmp_path, "solver.lr=1e-3", "solver.steps=[1000]", "data.crop_size=48", "solver.batch_size=4")
+    trainer = Trainer(cfg, device="cpu")
+    loader, _ = trainer.train_loader()
+    batch = next(iter(loader))
+    losses = [float(trainer.step(batch)[0]) for _ in range(20)]
+    assert trainer.iteration == 20
+    assert np.mean(losses[-3:]) < 0.85 * losses[0]
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    straight = Trainer(tiny_cfg(tmp_path / "a"), device="cpu")
+    straight.train()
+    # Killed right after the checkpoint of iteration 2 ...
+    first = Trainer(tiny_cfg(tmp_path / "b"), device="cpu")
+    first.train(stop_at=2)
+    assert first.iteration == 2 and (tmp_path / "b" / "model_0000002.pth").exists()
+    del first
+    # ... and continued by a fresh process state.
+    torch.manual_seed(1234)
+    np.random.seed(99)
+    # (with a worker process this time: samples depend on their stream position only, not on who loads them)
+    resumed = Trainer(tiny_cfg(tmp_path / "b", "data.num_workers=1"), resume=True, device="cpu")
+    assert resumed.iteration == 2
+    resumed.train()
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    oa, ob = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr() == [2.25e-5]
+    rows_a, rows_b = _rows(tmp_path / "a" / "metrics.jsonl"), _rows(tmp_path / "b" / "metrics.jsonl")
+    timing = ("time_per_iter", "data_time")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in rows_a] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in rows_b]
+    assert [r["iter"] for r in rows_b] == [1, 2, 3, 4]
+    ck = load_checkpoint(tmp_path / "b" / "model_0000004.pth")
+    assert ck["iteration"] == 4 and set(ck["rng"][0]) >= {"torch", "numpy", "python"}
+    assert ck["sampler"]["position"] == 8
+    # The exported weights load for inference.
+    model = load_model(tmp_path / "b" / "model_final.pth")
+    assert isinstance(model, CRM) and not model.training
+
+
+def test_resume_without_checkpoint_starts_fresh_and_refuses_other_architecture(tmp_path):
+    t = Trainer(tiny_cfg(tmp_path), resume=True, device="cpu")
+    assert t.iteration == 0
+    t.train(stop_at=2)
+    with pytest.raises(ValueError, match="architecture"):
+        Trainer(tiny_cfg(tmp_path, "model.width=16"), resume=True, device="cpu")
+    # Fine-tuning start: whole-model weights from a checkpoint, fresh optimizer and iteration count.
+    ft = Trainer(tiny_cfg(tmp_path / "ft", f"model.weights={tmp_path / 'model_0000002.pth'}"), device="cpu")
+    assert ft.iteration == 0
+    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in ft.model.state_dict().items())
+
+
+def test_validation_reports_iou_and_mba(tmp_path):
+    write_big_folder(tmp_path / "big", 2, size=(72, 96), seed=4)
+    cfg = tiny_cfg(tmp_path / "run", f"data.val=[{{type: big, root: {tmp_path / 'big'}}}]", "solver.max_iter=2",
+                   "val.period=0")
+    trainer = Trainer(cfg, device="cpu")
+    summary = trainer.train()
+    assert summary["n"] == 2
+    assert 0 <= summary["iou"] <= 100 and 0 <= summary["mba"] <= 100
+    assert summary["coarse_iou"] > 50  # synthetic coarse masks are close to the GT
+    rows = _rows(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["val/n"] == 2 and rows[-1]["val/full"] is True
+
+
+def test_imagenet_init_zeroes_the_mask_channel(tmp_path):
+    donor = CRM(CRMConfig.preset("tiny")).feats.state_dict()
+    state = {k: v.clone() for k, v in donor.items()}
+    state["conv1.weight"] = state["conv1.weight"][:, :3].clone()
+    state["fc.weight"] = torch.zeros(10, 4)  # classifier and layer4 are ignored
+    state["layer4.0.conv1.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "resnet.pth")
+    model = CRM(CRMConfig.preset("tiny"))
+    n = load_imagenet_encoder(model, tmp_path / "resnet.pth")
+    assert n == len(donor)
+    assert torch.equal(model.feats.conv1.weight[:, :3], state["conv1.weight"])
+    assert model.feats.conv1.weight[:, 3].abs().sum() == 0
+    assert torch.equal(model.feats.layer3[0].conv2.weight, donor["layer3.0.conv2.weight"])
+    torch.save({"x.weight": torch.zeros(1)}, tmp_path / "junk.pth")
+    with pytest.raises(ValueError, match="ResNet"):
+        load_imagenet_encoder(CRM(CRMConfig.preset("tiny")), tmp_path / "junk.pth")
+
+
+def test_command_line_entry(tmp_path):
+    from crm_d2.commands import train as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {preset: tiny}\ndata: {train: [{type: synthetic, count: 2, size: 40}], crop_size: 32, "
+                   "num_workers: 0}\nsolver: {batch_size: 1, max_iter: 2, steps: [1]}\nlog: {tensorboard: false}\n"
+                   "checkpoint: {period: 1}\n")
+    args = parser.parse_args(["--config", str(cfg), "--output", str(tmp_path / "out"), "solver.max_iter=1"])
+    assert command.run(args) == 0
+    assert (tmp_path / "out" / "model_0000001.pth").exists() and (tmp_path / "out" / "model_final.pth").exists()
+    args = parser.parse_args(["--config", str(cfg), "--output", str(tmp_path / "out"), "--resume"])
+    assert command.run(args) == 0
+    assert (tmp_path / "out" / "model_0000002.pth").exists()
