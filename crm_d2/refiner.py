@@ -75,10 +75,10 @@ class FastOptions:
     band_from: stages at or above this scale use band tiles, lower ones run densely (they are cheap).
     """
 
-    band: int = 24
-    unsettled: float = 0.05
-    tile: int = 192
-    halo: int = 64
+    band: int = 16
+    unsettled: float = 0.2
+    tile: int = 256
+    halo: int = 32
     band_from: float = 0.5
 
     def __post_init__(self):
