@@ -235,14 +235,15 @@ class CRM(nn.Module):
         At 6K that map alone is 6 GB; here the fusion conv runs over row slabs (with a one-row halo for its
         3x3 kernel) sized from `budget` bytes, and each slab is projected to the MLP width at once.
         """
-        n = self.aspp_
-        x1, x2, x3 = self.feats(x)
-        b1 = n.branch(x1, n.aspp1_128, n.bn1_128)
-        del x1
-        b2 = n.branch(x2, n.aspp1_256, n.bn1_256)
-        del x2
-        b3 = n.branch(x3, n.aspp1_1024, n.bn1_1024)
-        del x3
+        n, f = self.aspp_, self.feats
+        # The trunk step by step, each level reduced by its neck branch and freed as soon as it has been used.
+        x = f.relu(f.bn1(f.conv1(x)))
+        b1 = n.branch(x, n.aspp1_128, n.bn1_128)
+        x = f.layer1(f.maxpool(x))
+        b2 = n.branch(x, n.aspp1_256, n.bn1_256)
+        x = f.layer3(f.layer2(x))
+        b3 = n.branch(x, n.aspp1_1024, n.bn1_1024)
+        del x
         B, _, Hf, Wf = b1.shape
         out = b1.new_empty(B, Hf, Wf, self.cfg.hidden)
         w = self.imnet.layers[0].weight[:, : self.cfg.feat_dim]
