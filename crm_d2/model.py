@@ -89,11 +89,29 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
+        if not self.training and not torch.is_grad_enabled():
+            return self._inference(x)
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
+
+    def _inference(self, x):
+        """Same maths with BN applied in place and the shortcut added in place: at 6K the first block of layer1
+        otherwise holds four 256-channel copies of a quarter-resolution map at once."""
+        out = bn_(self.bn1, self.conv1(x)).relu_()
+        out = bn_(self.bn2, self.conv2(out)).relu_()
+        out = bn_(self.bn3, self.conv3(out))
+        out += x if self.downsample is None else bn_(self.downsample[1], self.downsample[0](x))
+        return out.relu_()
+
+
+def bn_(bn, x):
+    """Eval-mode BatchNorm applied in place (inference only)."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    return x.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
 
 
 class Encoder(nn.Module):
@@ -167,6 +185,8 @@ class Neck(nn.Module):
         )
 
     def branch(self, x, conv, bn):
+        if not self.training and not torch.is_grad_enabled():  # in place: these maps are GBs at 6K
+            return bn_(bn, bn_(conv.bn, conv.atrous_conv(x)).relu_()).relu_()
         return self.dropout(F.relu(bn(conv(x)), inplace=True))
 
     def forward(self, x1, x2, x3):
@@ -237,7 +257,7 @@ class CRM(nn.Module):
         """
         n, f = self.aspp_, self.feats
         # The trunk step by step, each level reduced by its neck branch and freed as soon as it has been used.
-        x = f.relu(f.bn1(f.conv1(x)))
+        x = bn_(f.bn1, f.conv1(x)).relu_()
         b1 = n.branch(x, n.aspp1_128, n.bn1_128)
         x = f.layer1(f.maxpool(x))
         b2 = n.branch(x, n.aspp1_256, n.bn1_256)
