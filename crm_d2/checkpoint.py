@@ -4,13 +4,12 @@ Project format: a dict {"format": "crm_d2", "version": 1, "config": CRMConfig di
 "meta": {...}} plus optional training state (optimizer, scheduler, iteration, rng). Everything is read with
 `torch.load(weights_only=True)`: a checkpoint is data, never code.
 """
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .io import atomic_write
 from .model import CRM, CRMConfig
 
 FORMAT = "crm_d2"
@@ -42,16 +41,7 @@ def save_checkpoint(path, model, cfg=None, meta=None, half=False, **extra):
     obj = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "model": state, "meta": dict(meta or {})}
     obj.update(extra)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
     return path
 
 

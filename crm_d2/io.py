@@ -41,7 +41,7 @@ def read_mask(path):
     return m
 
 
-def _atomic(path, write_fn, suffix):
+def atomic_write(path, write_fn, suffix=""):
     """Write through a temporary file in the same folder and rename: a killed run never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def write_png(path, array, rgb=True):
         if not cv2.imwrite(tmp, array):
             raise ValueError(f"could not encode PNG for {path}")
 
-    _atomic(path, write, ".png")
+    atomic_write(path, write, ".png")
 
 
 def write_image(path, array_rgb):
@@ -79,7 +79,7 @@ def write_image(path, array_rgb):
         if not cv2.imwrite(tmp, bgr):
             raise ValueError(f"could not encode image for {path}")
 
-    _atomic(path, write, suffix)
+    atomic_write(path, write, suffix)
 
 
 def write_json(path, obj):
@@ -87,7 +87,7 @@ def write_json(path, obj):
         with open(tmp, "w") as f:
             json.dump(obj, f)
 
-    _atomic(path, write, ".json")
+    atomic_write(path, write, ".json")
 
 
 def list_big(folder):
