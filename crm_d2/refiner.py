@@ -107,7 +107,8 @@ class Refiner:
         weights: "demo" (the small model shipped with crm_d2), a path to a crm_d2 checkpoint, or the authors'
             released state_dict file. `None` builds a randomly initialised model, only with `allow_random=True`.
         device: "cpu", "cuda", "cuda:1", ... or None for CUDA when available.
-        scales: the multi-resolution schedule (fractions of the padded image size), low to high.
+        scales: the multi-resolution schedule (fractions of the padded image size), low to high; default: the
+            checkpoint's own `meta["scales"]` if it has one, else the released 0.125, 0.25, 0.5, 1.
         memory_budget: bytes the decoder may use per step (queries are chunked to fit it).
         max_batch: masks encoded together at once.
         amp: run the encoder in bfloat16 autocast on CUDA (faster, not bit-exact).
@@ -116,7 +117,7 @@ class Refiner:
         config: architecture for `weights=None`.
     """
 
-    def __init__(self, weights="demo", device=None, scales=DEFAULT_SCALES, memory_budget=512 << 20, max_batch=8,
+    def __init__(self, weights="demo", device=None, scales=None, memory_budget=512 << 20, max_batch=8,
                  amp=False, allow_random=False, config=None, mode="exact", fast=None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,6 +133,8 @@ class Refiner:
             self.model = load_model(weights, self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # A checkpoint may say which schedule it was validated with (the small demo model: full scale only).
+        scales = scales or getattr(self.model, "meta", {}).get("scales") or DEFAULT_SCALES
         self.scales = self._check_scales(scales)
         self.memory_budget = int(memory_budget)
         self.max_batch = max(1, int(max_batch))

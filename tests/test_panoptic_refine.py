@@ -80,7 +80,7 @@ def test_isthing_from_categories_and_vanishing_segment_removed():
         return p
 
     stub = StubRefiner(drop_22_to_stuff)
-    out, kept = refine_panoptic(stub, image, ids, bare, SegmentRefineOptions(merge="hybrid-nearest"),
+    out, kept = refine_panoptic(stub, image, ids, bare, SegmentRefineOptions(merge="hybrid-nearest", band=None),
                                 categories=cats)
     assert 22 not in out and 22 not in [s["id"] for s in kept]
     assert check_segments(out, kept) == {s["id"]: s["area"] for s in kept}
@@ -153,7 +153,7 @@ def test_entities_non_overlapping():
     masks[1, 5:25, 5:25] = False
     stub = StubRefiner(lambda ms: np.clip(ms.astype(np.float32) * 0.9 + 0.3 * (ms.sum(0, keepdims=True) == 0),
                                           0, 1))
-    out = refine_instances(stub, image, masks, [0.5, 0.9, 0.7], SegmentRefineOptions(min_area=1),
+    out = refine_instances(stub, image, masks, [0.5, 0.9, 0.7], SegmentRefineOptions(min_area=1, band=None),
                            non_overlapping=True)
     assert out.sum(0).max() <= 1
     np.testing.assert_array_equal(out, masks)
@@ -163,7 +163,7 @@ def test_entities_non_overlapping():
     def grow_first(ms):
         return np.stack([grown if (m == masks[0]).all() else m for m in ms]).astype(np.float32)
 
-    out = refine_instances(StubRefiner(grow_first), image, masks, [0.5, 0.9, 0.7], SegmentRefineOptions(min_area=1),
+    out = refine_instances(StubRefiner(grow_first), image, masks, [0.5, 0.9, 0.7], SegmentRefineOptions(min_area=1, band=None),
                            non_overlapping=True)
     assert out.sum(0).max() <= 1
     assert out[0, 25:30, 5:15].all()  # free pixels go to mask 0
@@ -177,3 +177,16 @@ def test_instances_bad_input():
     with pytest.raises(ValueError, match="must be NxHxW"):
         refine_instances(StubRefiner(), image, instance_masks()[0], [0.9])
     assert refine_instances(StubRefiner(), image, np.zeros((0, 48, 64), bool), []).shape == (0, 48, 64)
+
+
+def test_band_limits_changes_to_the_coarse_boundary():
+    from crm_d2.panoptic.refine import limit_to_band
+
+    mask = np.zeros((100, 100), bool)
+    mask[30:70, 30:70] = True
+    prob = np.zeros((100, 100), np.float32)  # a refiner that erases the whole segment
+    prob[0:5, 0:5] = 1.0  # and claims a far corner
+    out = limit_to_band(prob, mask, band=0.05)  # 5 px
+    assert out[50, 50] == 1 and out[2, 2] == 0  # far from the boundary: the coarse mask holds
+    assert out[30, 50] == 0 and out[27, 50] == 0 and out[34, 50] == 0  # near it: the refiner decides
+    assert out[36, 50] == 1

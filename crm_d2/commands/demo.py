@@ -33,6 +33,9 @@ def add_arguments(parser):
     parser.add_argument("--long-side", type=int, default=None,
                         help="resize the sample to this long side first (default: as shipped, 640)")
     parser.add_argument("--factor", type=int, default=12, help="down-sampling factor of the simulated segmenter")
+    parser.add_argument("--regions", choices=("parts", "person"), default="parts",
+                        help="segments: every CCP region (hair, skin, each garment; default), or the person "
+                             "silhouette + background (what a refiner trained on whole objects knows best)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.add_argument("--no-overlays", action="store_true", help="skip the side-by-side pictures")
     add_refine_arguments(parser, weights_default="demo")
@@ -66,8 +69,16 @@ def load_sample(sample_dir, long_side=None, limit=None):
     return items, categories
 
 
-def labels_to_panoptic(labels, categories):
-    """CCP label map -> (id map, segments_info): one segment per label value, id = category id = label + 1."""
+PERSON = {"id": 100, "name": "person", "isthing": 1, "supercategory": "person", "ccp_label": -1}
+
+
+def labels_to_panoptic(labels, categories, regions="parts"):
+    """CCP label map -> (id map, segments_info): one segment per label value, id = category id = label + 1.
+
+    regions="person" makes every non-background label one `person` thing (the whole silhouette, which is what a
+    mask refiner trained on whole objects is for); "parts" keeps hair, skin, each garment as its own segment."""
+    if regions == "person":
+        labels = np.where(labels > 0, PERSON["ccp_label"], 0)
     by_label = {c["ccp_label"]: c for c in categories.values()}
     ids = np.zeros(labels.shape, np.uint32)
     segs = []
@@ -114,7 +125,7 @@ def simulate_coarse(gt_ids, gt_segments, categories, factor=12, seed=0, noise=0.
     return ids, segs
 
 
-def build_dataset(items, categories, out_dir, factor):
+def build_dataset(items, categories, out_dir, factor, regions="parts"):
     """Write images/, gt/ + gt.json and coarse/ + coarse.json under out_dir (deterministic; cheap to redo)."""
     out_dir = Path(out_dir)
     gt_anns, coarse_anns, images = [], [], []
@@ -122,7 +133,7 @@ def build_dataset(items, categories, out_dir, factor):
         write_png(out_dir / "images" / f"{name}.png", image)
         images.append({"id": image_id, "file_name": f"{name}.png", "height": image.shape[0],
                        "width": image.shape[1]})
-        gt_ids, gt_segs = labels_to_panoptic(labels, categories)
+        gt_ids, gt_segs = labels_to_panoptic(labels, categories, regions)
         gt_anns.append(write_panoptic_image(out_dir / "gt", f"{name}.png", image_id, gt_ids, gt_segs, sidecar=False))
         seed = zlib.crc32(name.encode())
         c_ids, c_segs = simulate_coarse(gt_ids, gt_segs, categories, factor=factor, seed=seed)
@@ -194,13 +205,15 @@ def run(args):
         raise RuntimeError(f"the demo model is missing, so the demo cannot run: {exc}") from None
     options = options_from_args(args)
     items, categories = load_sample(args.sample, args.long_side, args.limit)
+    if args.regions == "person":
+        categories = {**categories, PERSON["id"]: PERSON}
     settings = json.loads(json.dumps({"demo": True, "sample": str(Path(args.sample).resolve()),
-                                      "long_side": args.long_side, "factor": args.factor,
+                                      "long_side": args.long_side, "factor": args.factor, "regions": args.regions,
                                       "weights": str(args.weights), "options": vars(options)}))
     check_run_settings(out, settings)
     print(f"demo: {len(items)} sample images, coarse masks from a simulated 1/{args.factor} segmenter, "
           f"refining with weights {args.weights!r} -> {out}", file=sys.stderr)
-    gt, coarse = build_dataset(items, categories, out, args.factor)
+    gt, coarse = build_dataset(items, categories, out, args.factor, args.regions)
     refined = refine_panoptic_set(refiner, out / "images", coarse, out, options, gt=gt)
     base, crm = evaluate(gt, coarse, refined)
     report(base, crm, as_json=args.json, out_dir=out, extra={"weights": str(args.weights)})

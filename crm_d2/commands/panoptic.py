@@ -36,6 +36,9 @@ def add_refine_arguments(parser, weights_default=None):
                    help="cap on the encoder input long side per ROI (0 = no cap)")
     g.add_argument("--scales", type=float, nargs="+", default=None, help="refinement scales (default: model's)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="segments refined per call")
+    g.add_argument("--band", type=float, default=d.band,
+                   help="changes allowed only this close to a segment's coarse boundary, fraction of the long "
+                        "side (0 = no limit)")
     g.add_argument("--merge", choices=MERGE_RULES, default=d.merge, help="overlap/gap rule (docs/panoptic.md)")
     g.add_argument("--limit", type=int, default=None, help="only the first N images (quick looks)")
 
@@ -43,7 +46,7 @@ def add_refine_arguments(parser, weights_default=None):
 def options_from_args(args):
     return SegmentRefineOptions(targets=args.targets, min_area=args.min_area, margin=args.margin,
                                 max_side=args.max_side or None, scales=args.scales, batch_size=args.batch_size,
-                                merge=args.merge)
+                                merge=args.merge, band=args.band or None)
 
 
 def make_refiner(weights, device=None):

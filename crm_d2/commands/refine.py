@@ -13,14 +13,14 @@ def add_refiner_arguments(parser):
     """Options shared by every command that builds a Refiner."""
     parser.add_argument("--weights", default="demo", help="'demo', a crm_d2 checkpoint or the authors' released file")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--scales", type=float, nargs="+", default=None, help="refinement schedule (default 0.125 0.25 0.5 1)")
+    parser.add_argument("--scales", type=float, nargs="+", default=None, help="refinement schedule (default: the checkpoint's, else 0.125 0.25 0.5 1)")
     parser.add_argument("--memory-budget-mb", type=int, default=512, help="decoder memory per step")
 
 
 def build_refiner(args):
-    from ..refiner import DEFAULT_SCALES, Refiner
+    from ..refiner import Refiner
 
-    return Refiner(weights=args.weights, device=args.device, scales=args.scales or DEFAULT_SCALES,
+    return Refiner(weights=args.weights, device=args.device, scales=args.scales,
                    memory_budget=args.memory_budget_mb << 20)
 
 
