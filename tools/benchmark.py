@@ -38,7 +38,8 @@ def run_one(args):
     random = args.weights.startswith("random-")
     refiner = Refiner(weights=None if random else args.weights, allow_random=random,
                       config=args.weights[len("random-"):] if random else None, device=args.device,
-                      mode="fast" if args.mode == "fast" else "exact", memory_budget=args.budget_mb << 20)
+                      mode="fast" if args.mode == "fast" else "exact", memory_budget=args.budget_mb << 20,
+                      scales=args.scales)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times, stages, out = [], [], None
@@ -80,6 +81,8 @@ def child(cfg, extra=()):
     cmd = [sys.executable, os.path.abspath(__file__), "--one", "--size", cfg["size"], "--mode", cfg["mode"],
            "--device", cfg["device"], "--weights", cfg["weights"], "--runs", str(cfg["runs"]), "--seed",
            str(cfg["seed"]), "--budget-mb", str(cfg["budget_mb"])] + list(extra)
+    if cfg.get("scales"):
+        cmd += ["--scales"] + [str(s) for s in cfg["scales"]]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -117,6 +120,7 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-mb", type=int, default=512)
+    p.add_argument("--scales", type=float, nargs="+", default=None, help="default: the checkpoint's, else released")
     p.add_argument("--json", help="write all results to this JSON file")
     # internal: one configuration in this process
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -142,7 +146,7 @@ def main():
                 exact_pred = os.path.join(tmp, f"{device}_{size}.npy")
                 for mode in sorted(args.modes, key=lambda m: m != "exact"):  # exact first: others compare to it
                     cfg = dict(size=size, mode=mode, device=device, weights=args.weights, runs=args.runs,
-                               seed=args.seed, budget_mb=args.budget_mb)
+                               seed=args.seed, budget_mb=args.budget_mb, scales=args.scales)
                     extra = ["--save-pred", exact_pred] if mode == "exact" else (
                         ["--compare-to", exact_pred] if os.path.exists(exact_pred) else [])
                     r = child(cfg, extra)
