@@ -169,3 +169,15 @@ def test_fast_mode_keeps_settled_pixels_from_the_previous_stage(refiner, scene):
     assert [round(p["scale"], 3) for p in refiner.profile] == [0.125, 0.25, 0.5, 1.0]
     with pytest.raises(ValueError, match="even"):
         FastOptions(tile=33)
+
+
+def test_fast_mode_dense_upsample_decodes_low_stages_finer(refiner, scene):
+    from crm_d2.refiner import FastOptions
+
+    img, _, coarse = scene
+    refiner.mode = "fast"
+    refiner.fast = FastOptions(band_from=10.0, dense_upsample=16)  # every stage dense, at full resolution
+    fine = refiner.refine(img, coarse)
+    refiner.mode = "exact"
+    # at full resolution every stage decodes exactly what exact mode decodes
+    np.testing.assert_allclose(fine, refiner.refine(img, coarse), atol=1e-5)
