@@ -213,9 +213,7 @@ class Refiner:
         features to the MLP width, then decode the full-resolution grid in row chunks sized from the budget.
         """
         B = len(masks)
-        seg = torch.from_numpy(masks).to(self.device)[:, None]
-        im = F.pad(normalize_image(images.float() / 255), (PAD,) * 4, mode="reflect")
-        seg = F.pad(seg * 2 - 1, (PAD,) * 4, mode="reflect")
+        im, seg = self._padded_inputs(images, masks)
         Hp, Wp = seg.shape[-2:]
         prob = torch.empty(B, Hp, Wp, device=self.device)
         for s in stage_scales(scales, (Hp, Wp), max_side):
@@ -231,6 +229,12 @@ class Refiner:
             prob[empty] = 0
             seg = ((prob - 0.5) * 2)[:, None]
         return prob[:, PAD:-PAD, PAD:-PAD].cpu().numpy()
+
+    def _padded_inputs(self, images, masks):
+        """The release's input: ImageNet-normalised image and mask in [-1, 1], both reflect-padded by 32 px."""
+        seg = torch.from_numpy(masks).to(self.device)[:, None]
+        im = F.pad(normalize_image(images.float() / 255), (PAD,) * 4, mode="reflect")
+        return im, F.pad(seg * 2 - 1, (PAD,) * 4, mode="reflect")
 
     def _clock(self):
         if self.profile is not None and self.device.type == "cuda":
@@ -280,9 +284,7 @@ class Refiner:
         band around the previous stage's boundary are encoded and decoded, the rest is the previous stage
         upsampled. Full resolution is reached at the last stage only, and only in the band."""
         opt = self.fast
-        seg = torch.from_numpy(masks).to(self.device)[:, None]
-        im = F.pad(normalize_image(images.float() / 255), (PAD,) * 4, mode="reflect")
-        seg = F.pad(seg * 2 - 1, (PAD,) * 4, mode="reflect")
+        im, seg = self._padded_inputs(images, masks)
         B, (Hp, Wp) = len(masks), seg.shape[-2:]
         cell = (2 / Hp, 2 / Wp)
         stages = stage_scales(scales, (Hp, Wp), max_side)

@@ -18,7 +18,8 @@ import numpy as np
 from crm_d2.io import read_image, read_mask, write_image, write_png
 from crm_d2.panoptic.coco import PanopticSet, write_panoptic_image, write_panoptic_json
 
-from .panoptic import (add_refine_arguments, check_run_settings, evaluate, make_refiner, options_from_args,
+from .common import build_refiner
+from .panoptic import (add_refine_arguments, check_run_settings, evaluate, options_from_args,
                        refine_panoptic_set, report)
 
 NAME = "demo"
@@ -198,7 +199,7 @@ def write_overlays(out_dir, images_dir, gt, coarse, refined):
 def run(args):
     out = Path(args.output)
     try:
-        refiner = make_refiner(args.weights, args.device)
+        refiner = build_refiner(args)
     except FileNotFoundError as exc:
         if args.weights != "demo":
             raise

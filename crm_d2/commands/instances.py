@@ -17,7 +17,8 @@ from crm_d2.io import read_image, write_json
 from crm_d2.panoptic.instances_eval import encode_mask, entity_gt_from_panoptic, evaluate_masks, format_ap_table
 from crm_d2.panoptic.refine import refine_instances
 
-from .panoptic import add_refine_arguments, check_run_settings, find_image, make_refiner, options_from_args
+from .common import build_refiner
+from .panoptic import add_refine_arguments, check_run_settings, find_image, options_from_args
 
 NAME = "instances"
 HELP = "refine instance/entity masks (COCO results JSON) with CRM; mask AP with and without CRM"
@@ -133,7 +134,7 @@ def run(args):
                                       "non_overlapping": args.non_overlapping, "score_thresh": args.score_thresh,
                                       "options": vars(options)}))
     check_run_settings(out, settings)
-    refiner = make_refiner(args.weights, args.device)
+    refiner = build_refiner(args)
 
     from tqdm import tqdm
 

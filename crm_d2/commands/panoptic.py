@@ -15,6 +15,8 @@ from crm_d2.panoptic.coco import PanopticSet, read_panoptic_sidecar, write_panop
 from crm_d2.panoptic.merge import MERGE_RULES
 from crm_d2.panoptic.refine import TARGETS, SegmentRefineOptions, refine_panoptic
 
+from .common import add_model_arguments, build_refiner
+
 NAME = "panoptic"
 HELP = "refine a COCO panoptic prediction with CRM; PQ/SQ/RQ with and without CRM"
 
@@ -26,9 +28,7 @@ def add_refine_arguments(parser, weights_default=None):
     """Options shared by the panoptic, instances and demo commands."""
     d = SegmentRefineOptions()
     g = parser.add_argument_group("refinement")
-    g.add_argument("--weights", default=weights_default, required=weights_default is None,
-                   help="CRM weights: 'demo', a crm_d2 checkpoint or the released state_dict")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    add_model_arguments(g, weights_default)
     g.add_argument("--targets", choices=TARGETS, default=d.targets, help="which segments to refine")
     g.add_argument("--min-area", type=int, default=d.min_area, help="segments smaller than this keep their mask")
     g.add_argument("--margin", type=float, default=d.margin, help="ROI context, fraction of the segment box")
@@ -48,11 +48,6 @@ def options_from_args(args):
                                 max_side=args.max_side or None, scales=args.scales, batch_size=args.batch_size,
                                 merge=args.merge, band=args.band or None)
 
-
-def make_refiner(weights, device=None):
-    from crm_d2.refiner import Refiner
-
-    return Refiner(weights=weights, device=device)
 
 
 def check_run_settings(out_dir, settings):
@@ -201,7 +196,7 @@ def run(args):
                 "options": vars(options)}
     settings = json.loads(json.dumps(settings))
     check_run_settings(args.output, settings)
-    refiner = make_refiner(args.weights, args.device)
+    refiner = build_refiner(args)
     refined = refine_panoptic_set(refiner, args.images, pred, args.output, options, gt=gt, limit=args.limit)
     print(f"refined panoptic predictions: {Path(args.output) / 'panoptic.json'}", file=sys.stderr)
     if gt is None:

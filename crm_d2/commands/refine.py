@@ -4,31 +4,19 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..io import list_big, read_image, read_mask, write_png
+from .common import add_model_arguments, build_refiner
 
 NAME = "refine"
 HELP = "refine one mask (IMAGE MASK -o OUT.png) or a BIG-layout folder (--big-dir DIR -o OUTDIR)"
-
-
-def add_refiner_arguments(parser):
-    """Options shared by every command that builds a Refiner."""
-    parser.add_argument("--weights", default="demo", help="'demo', a crm_d2 checkpoint or the authors' released file")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--scales", type=float, nargs="+", default=None, help="refinement schedule (default: the checkpoint's, else 0.125 0.25 0.5 1)")
-    parser.add_argument("--memory-budget-mb", type=int, default=512, help="decoder memory per step")
-
-
-def build_refiner(args):
-    from ..refiner import Refiner
-
-    return Refiner(weights=args.weights, device=args.device, scales=args.scales,
-                   memory_budget=args.memory_budget_mb << 20)
 
 
 def add_arguments(parser):
     parser.add_argument("inputs", nargs="*", metavar="IMAGE MASK", help="an image and its coarse mask")
     parser.add_argument("--big-dir", help="folder of NAME_im.jpg + NAME_seg.png (BIG layout)")
     parser.add_argument("-o", "--output", required=True, help="output PNG (single) or folder (--big-dir)")
-    add_refiner_arguments(parser)
+    add_model_arguments(parser)
+    parser.add_argument("--scales", type=float, nargs="+", default=None,
+                        help="refinement schedule (default: the checkpoint's, else 0.125 0.25 0.5 1)")
     parser.add_argument("--roi", action="store_true", help="refine only the mask's box plus a margin (CRM*)")
     parser.add_argument("--margin", type=float, default=0.5, help="ROI context, fraction of the box size")
     parser.add_argument("--max-side", type=int, default=None, help="cap on the encoder's input long side")

@@ -1,0 +1,16 @@
+"""The model options every refining command shares, and the one place that turns them into a Refiner."""
+
+
+def add_model_arguments(parser, weights_default="demo"):
+    """--weights, --device, --memory-budget-mb (weights_default None makes --weights required)."""
+    parser.add_argument("--weights", default=weights_default, required=weights_default is None,
+                        help="CRM weights: 'demo', a crm_d2 checkpoint or the authors' released state_dict")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--memory-budget-mb", type=int, default=512, help="decoder memory per step")
+
+
+def build_refiner(args):
+    from ..refiner import Refiner
+
+    return Refiner(weights=args.weights, device=args.device, scales=getattr(args, "scales", None),
+                   memory_budget=args.memory_budget_mb << 20)
