@@ -14,11 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import checked_fused_ensemble, fused_decoder_available
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The four LIIF neighbours as (row, column) shifts, in the release's order; weights swap 0<->3 and 1<->2.
 SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
+TRUNK_BYTES_PER_PX_PER_WIDTH = 5  # peak inference activations of the trunk per input pixel, per unit of width
 _EPS_SHIFT = 1e-6
 
 
@@ -249,33 +252,82 @@ class CRM(nn.Module):
         """x: Bx4xhxw (normalised RGB + mask in [-1, 1]) -> feature map Bx(4*width)xceil(h/2)xceil(w/2)."""
         return self.aspp_(*self.feats(x))
 
-    def encode_projected(self, x, budget=256 << 20):
+    def encode_projected(self, x, budget=256 << 20, trunk_budget=None):
         """`project(encode(x))` without ever holding the 256-channel stride-2 feature map.
 
         At 6K that map alone is 6 GB; here the fusion conv runs over row slabs (with a one-row halo for its
-        3x3 kernel) sized from `budget` bytes, and each slab is projected to the MLP width at once.
+        3x3 kernel) sized from `budget` bytes, and each slab is projected to the MLP width at once. When the
+        trunk's activations would exceed `trunk_budget` bytes, the trunk runs over row tiles (`branches`).
         """
-        n, f = self.aspp_, self.feats
-        # The trunk step by step, each level reduced by its neck branch and freed as soon as it has been used.
-        x = bn_(f.bn1, f.conv1(x)).relu_()
-        b1 = n.branch(x, n.aspp1_128, n.bn1_128)
-        x = f.layer1(f.maxpool(x))
-        b2 = n.branch(x, n.aspp1_256, n.bn1_256)
-        x = f.layer3(f.layer2(x))
-        b3 = n.branch(x, n.aspp1_1024, n.bn1_1024)
-        del x
-        B, _, Hf, Wf = b1.shape
-        out = b1.new_empty(B, Hf, Wf, self.cfg.hidden)
+        n = self.aspp_
+        b1, b2, b3 = self.branches(x, trunk_budget)
+        B, Hf, Wf = x.shape[0], (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
+        out = x.new_empty(B, Hf, Wf, self.cfg.hidden)
         w = self.imnet.layers[0].weight[:, : self.cfg.feat_dim]
         rows = max(1, budget // (B * Wf * self.cfg.feat_dim * 4 * 3))
         for r0 in range(0, Hf, rows):
             r1 = min(Hf, r0 + rows)
             lo, hi = max(0, r0 - 1), min(Hf, r1 + 1)
-            slab = torch.cat((b1[:, :, lo:hi], upsample_rows(b2, (Hf, Wf), lo, hi),
-                              upsample_rows(b3, (Hf, Wf), lo, hi)), 1)
+            slab = torch.cat((self._stem_branch_rows(x, lo, hi) if b1 is None else b1[:, :, lo:hi],
+                              upsample_rows(b2, (Hf, Wf), lo, hi), upsample_rows(b3, (Hf, Wf), lo, hi)), 1)
             feat = n.last_conv(slab)[:, :, r0 - lo : r0 - lo + r1 - r0]
             out[:, r0:r1] = torch.einsum("bchw,kc->bhwk", feat, w)
         return out
+
+    def branches(self, x, budget=None):
+        """The neck's three 1x1 branches of the trunk (inference), row tile by row tile when needed.
+
+        Each level is reduced by its branch and freed as soon as it has been used. If the trunk's activations
+        (about TRUNK_BYTES_PER_PX_PER_WIDTH x width bytes per input pixel) exceed `budget`, the input is cut
+        into row tiles, each run with `trunk_halo()` extra rows of context on both sides, and only the tiles'
+        own rows are kept: the result equals the untiled one (to float rounding), at a bounded peak. Tiled,
+        the stride-2 branch is returned as None (see below).
+        """
+        B, _, H, W = x.shape
+        per_row = B * W * TRUNK_BYTES_PER_PX_PER_WIDTH * self.cfg.width
+        halo = self.trunk_halo()
+        if budget is None or H * per_row <= budget:
+            return self._branches(x)
+        step = max(8, (budget // per_row - 2 * halo) // 8 * 8)  # multiples of the trunk's stride: grids align
+        out = None
+        for a in range(0, H, step):
+            b = min(H, a + step)
+            c0, c1 = max(0, a - halo), min(H, b + halo)
+            parts = self._branches(x[:, :, c0:c1])[1:]
+            if out is None:
+                out = [p.new_empty(*p.shape[:2], -(-H // s), p.shape[-1]) for p, s in zip(parts, (4, 8))]
+            for o, p, s in zip(out, parts, (4, 8)):
+                lo, hi = a // s, -(-b // s)
+                o[:, :, lo:hi] = p[:, :, lo - c0 // s : hi - c0 // s]
+            del parts
+        # The stride-2 branch is the largest map (64 bytes per input pixel for ResNet-50, 1.5 GB at 6K) and
+        # cheap to compute: it is recomputed row slab by row slab when fused (`_stem_branch_rows`).
+        return (None, *out)
+
+    def _stem_branch_rows(self, x, lo, hi):
+        """Rows lo..hi of the stride-2 branch, from the input rows they depend on (the 7x7 stem: 3 rows)."""
+        n, f = self.aspp_, self.feats
+        c0, c1 = max(0, 2 * lo - 8), min(x.shape[-2], 2 * hi + 8)  # even start: the stride-2 grid aligns
+        y = bn_(f.bn1, f.conv1(x[:, :, c0:c1])).relu_()
+        return n.branch(y, n.aspp1_128, n.bn1_128)[:, :, lo - c0 // 2 : hi - c0 // 2]
+
+    def _branches(self, x):
+        n, f = self.aspp_, self.feats
+        x = bn_(f.bn1, f.conv1(x)).relu_()
+        b1 = n.branch(x, n.aspp1_128, n.bn1_128)
+        x = f.layer1(f.maxpool(x))
+        b2 = n.branch(x, n.aspp1_256, n.bn1_256)
+        x = f.layer3(f.layer2(x))
+        return b1, b2, n.branch(x, n.aspp1_1024, n.bn1_1024)
+
+    def trunk_halo(self):
+        """Input rows on each side that one trunk output depends on (its receptive-field radius), with a stride
+        of slack, rounded up to 32."""
+        l1, l2, l3 = self.cfg.layers
+        # conv1 7x7 (3 px), max-pool at stride 2 (2), layer1 3x3 at stride 4, layer2 (the first at stride 4,
+        # then 8), layer3 (the first undilated at stride 8, then dilation 2).
+        radius = 3 + 2 + 4 * l1 + 4 + 8 * (l2 - 1) + 8 + 16 * (l3 - 1)
+        return -(-(radius + 8) // 32) * 32
 
     def project(self, feat):
         """Apply the feature part of the MLP's first layer once per feature cell: BxCxhxw -> Bxhxwx hidden."""
@@ -323,7 +375,16 @@ class CRM(nn.Module):
         return (iy, row_term, ry.abs()), (ix, col_term, rx.abs())
 
     def ensemble(self, proj, rows, cols):
-        """B x R x C logits: the MLP on each of the 4 neighbours, blended by opposite areas (on logits)."""
+        """B x R x C logits: the MLP on each of the 4 neighbours, blended by opposite areas (on logits).
+
+        In inference on CUDA this runs as one fused Triton kernel (`crm_d2.kernels`) when Triton is installed.
+        """
+        if not torch.is_grad_enabled() and fused_decoder_available(proj, self.cfg.hidden):
+            return checked_fused_ensemble(proj, rows, cols, self.imnet.layers,
+                                          lambda: self._ensemble_torch(proj, rows, cols))
+        return self._ensemble_torch(proj, rows, cols)
+
+    def _ensemble_torch(self, proj, rows, cols):
         (iy, row_term, area_y), (ix, col_term, area_x) = rows, cols
         logits, weights = [], []
         for vy, vx in SHIFTS:

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_model
-from .model import CRM, CRMConfig, make_coord, normalize_image
+from .model import CRM, TRUNK_BYTES_PER_PX_PER_WIDTH, CRMConfig, make_coord, normalize_image
 
 PAD = 32
 DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)
 OUTPUTS = ("prob", "binary", "uint8")
-ENCODER_BYTES_PER_PX_PER_WIDTH = 5  # peak encoder activations per input pixel, per unit of stem width (measured)
 CPU_CHUNK_QUERIES = 16384  # decoder queries per step on CPU: keeps the 32-d working set in L2
+BAND_BLOCK = 32  # fast mode decodes the band in strips of this many encoder-grid rows
 
 
 @dataclass
@@ -73,8 +73,12 @@ class FastOptions:
     decoded again; unsettled: a previous probability in (u, 1 - u) counts as undecided; tile/halo: the encoder
     runs on tiles of this many stage pixels that touch the band, with this much context around each;
     band_from: stages at or above this scale use band tiles, lower ones run densely (they are cheap);
-    dense_upsample: those dense stages decode at this multiple of their own resolution (2 narrows the mBA gap
-    to exact mode at 4K from 0.77 to 0.49 for 1.4x the time; docs/benchmark.md).
+    coarse_band: when the first stage is already at or above `band_from` (e.g. the demo model's full-scale-only
+    schedule), its band is taken around the coarse mask's boundary, this fraction of the long side wide on each
+    side (a coarse mask is off by more than a refined stage is);
+    next_grid: dense stages decode at the points where the next stage samples them (what exact mode hands on),
+    not at their own resolution; band_full: band stages before the last decode their band at full resolution.
+    Each of these two halves fast mode's mBA gap to exact mode at 4K (docs/benchmark.md).
     """
 
     band: int = 16
@@ -82,7 +86,9 @@ class FastOptions:
     tile: int = 256
     halo: int = 32
     band_from: float = 0.5
-    dense_upsample: int = 1
+    coarse_band: float = 0.01
+    next_grid: bool = True
+    band_full: bool = True
 
     def __post_init__(self):
         if self.tile % 2 or self.halo % 2 or self.tile <= 0 or self.halo < 0:
@@ -112,7 +118,8 @@ class Refiner:
         device: "cpu", "cuda", "cuda:1", ... or None for CUDA when available.
         scales: the multi-resolution schedule (fractions of the padded image size), low to high; default: the
             checkpoint's own `meta["scales"]` if it has one, else the released 0.125, 0.25, 0.5, 1.
-        memory_budget: bytes the decoder may use per step (queries are chunked to fit it).
+        memory_budget: bytes the decoder may use per step (queries are chunked to fit it); the encoder trunk
+            runs in row tiles when its activations would exceed four times this.
         max_batch: masks encoded together at once.
         amp: run the encoder in bfloat16 autocast on CUDA (faster, not bit-exact).
         mode: "exact" (the released protocol) or "fast" (band-limited later stages, see `FastOptions`).
@@ -218,8 +225,7 @@ class Refiner:
         prob = torch.empty(B, Hp, Wp, device=self.device)
         for s in stage_scales(scales, (Hp, Wp), max_side):
             size = (round(Hp * s), round(Wp * s))
-            im_s = F.interpolate(im, size=size, mode="bilinear", align_corners=True)
-            seg_s = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
+            im_s, seg_s = resize(im, size), resize(seg, size)
             t0 = self._clock()
             proj = self._project_batched(im_s, seg_s)
             t1 = self._clock()
@@ -248,19 +254,23 @@ class Refiner:
 
     def _project_batched(self, im_s, seg_s):
         """Encode B masks on one (or B) resized images, in sub-batches whose encoder activations fit the budget
-        (at 6K one image's trunk alone takes several GB, so big inputs go one by one)."""
+        (at 6K one image's trunk alone takes several GB, so big inputs go one by one, in row tiles)."""
         B, px = seg_s.shape[0], seg_s.shape[-2] * seg_s.shape[-1]
-        per_item = px * ENCODER_BYTES_PER_PX_PER_WIDTH * self.model.cfg.width
-        step = max(1, min(B, 4 * self.memory_budget // per_item))
+        per_item = px * TRUNK_BYTES_PER_PX_PER_WIDTH * self.model.cfg.width
+        step = max(1, min(B, self._trunk_budget // per_item))
         im_s = im_s.expand(B, -1, -1, -1)
         parts = [self._project(torch.cat((im_s[i : i + step], seg_s[i : i + step]), 1)) for i in range(0, B, step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _project(self, x):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.model.encode_projected(x, self.memory_budget).float().contiguous()
+            return self.model.encode_projected(x, self.memory_budget, self._trunk_budget).float().contiguous()
 
-    def _decode_into(self, prob, proj, cell):
+    @property
+    def _trunk_budget(self):
+        return 4 * self.memory_budget  # the encoder's activations: short-lived, so a larger share than the decoder
+
+    def _decode_into(self, prob, proj, cell, queries=None):
         """Decode every pixel of prob's grid (B x H x W), chunk by chunk of rows.
 
         On CPU the chunks are small enough for the working set to stay in cache (the MLP is memory-bound, and
@@ -271,8 +281,8 @@ class Refiner:
             rows = max(1, CPU_CHUNK_QUERIES // (B * W))
         else:
             rows = max(1, self.memory_budget // (B * W * (2 * self.model.cfg.hidden + 16) * 4))
-        (iy, row_term, ay), cols = self.model.query_terms(proj, make_coord(H, prob.device),
-                                                          make_coord(W, prob.device), cell)
+        qy, qx = queries or (make_coord(H, prob.device), make_coord(W, prob.device))
+        (iy, row_term, ay), cols = self.model.query_terms(proj, qy, qx, cell)
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
             chunk = (iy[:, r0:r1], row_term[:, r0:r1], ay[:, r0:r1])
@@ -280,9 +290,9 @@ class Refiner:
 
     @torch.no_grad()
     def _refine_fast(self, images, masks, scales, max_side=None):
-        """Fast mode: low scales decode at their own resolution; from `band_from` on, only tiles that touch a
-        band around the previous stage's boundary are encoded and decoded, the rest is the previous stage
-        upsampled. Full resolution is reached at the last stage only, and only in the band."""
+        """Fast mode: low scales decode only the points the next scale reads; from `band_from` on, only tiles
+        that touch a band around the previous stage's boundary (or the coarse mask's, for a first stage) are
+        encoded and decoded, the rest is the previous stage upsampled."""
         opt = self.fast
         im, seg = self._padded_inputs(images, masks)
         B, (Hp, Wp) = len(masks), seg.shape[-2:]
@@ -291,21 +301,30 @@ class Refiner:
         prev = None
         for i, s in enumerate(stages):
             E = (round(Hp * s), round(Wp * s))
-            dense = prev is None or s < opt.band_from
-            # Dense low stages decode at `dense_upsample` x their own resolution (capped at full resolution).
-            D = (Hp, Wp) if i == len(stages) - 1 else (
-                (min(Hp, E[0] * opt.dense_upsample), min(Wp, E[1] * opt.dense_upsample)) if dense else E)
-            im_s = F.interpolate(im, size=E, mode="bilinear", align_corners=True).expand(B, -1, -1, -1)
+            dense = s < opt.band_from
+            band = opt.band
+            if prev is None and not dense:  # no cheap low stage: the coarse mask marks where to look
+                prev, band = seg * 0.5 + 0.5, max(opt.band, round(opt.coarse_band * max(Hp, Wp)))
+            last = i == len(stages) - 1
+            D, queries = (Hp, Wp), None  # the grid this stage decodes: full resolution unless said otherwise
+            if not last and dense and opt.next_grid:
+                # Exact mode resizes a full-resolution map to the next grid (align_corners): decode the very
+                # points it reads, nothing else.
+                D = (round(Hp * stages[i + 1]), round(Wp * stages[i + 1]))
+                queries = (resize_positions(D[0], Hp, self.device), resize_positions(D[1], Wp, self.device))
+            elif not last and (dense or not opt.band_full):
+                D = E
+            im_s = resize(im, E).expand(B, -1, -1, -1)
             src = seg if prev is None else (prev - 0.5) * 2
-            seg_s = F.interpolate(src, size=E, mode="bilinear", align_corners=True)
+            seg_s = resize(src, E)
             t0 = self._clock()
             if dense:
                 prob = torch.empty(B, *D, device=self.device)
                 proj = self._project_batched(im_s, seg_s)
                 t1 = self._clock()
-                self._decode_into(prob, proj, cell)
+                self._decode_into(prob, proj, cell, queries)
             else:
-                prob, t_enc = self._band_stage(im_s, seg_s, prev, D, cell)
+                prob, t_enc = self._band_stage(im_s, seg_s, prev, D, cell, band)
                 t1 = t0 + t_enc
             self._record(s, t0, t1)
             empty = (seg_s + 1).flatten(1).sum(1) * (Hp * Wp / (E[0] * E[1])) < 2
@@ -313,16 +332,12 @@ class Refiner:
             prev = prob[:, None]
         return prev[:, 0, PAD:-PAD, PAD:-PAD].cpu().numpy()
 
-    def _band_stage(self, im_s, seg_s, prev, D, cell):
+    def _band_stage(self, im_s, seg_s, prev, D, cell, band_px):
         opt = self.fast
         E = seg_s.shape[-2:]
         prob = F.interpolate(prev, size=D, mode="bilinear", align_corners=True)[:, 0]
-        # The band, on the previous grid: unsettled pixels and the 0.5 contour, dilated by `band` px.
-        fg = (prev > 0.5).float()
-        edge = (F.max_pool2d(fg, 3, 1, 1) != -F.max_pool2d(-fg, 3, 1, 1)) | ((prev > opt.unsettled) & (prev < 1 - opt.unsettled))
-        r = max(1, math.ceil(opt.band * prev.shape[-2] / D[0]))
-        band = F.max_pool2d(edge.float().amax(0, keepdim=True), 2 * r + 1, 1, r)
-        band = F.interpolate(band, size=E, mode="nearest")[0, 0] > 0
+        band = band_cells(prev, band_px * prev.shape[-2] / D[0], opt.unsettled)
+        band = F.interpolate(band[None, None].float(), size=E, mode="nearest")[0, 0] > 0
         Hf, Wf = (E[0] + 1) // 2, (E[1] + 1) // 2
         qy_all, qx_all = make_coord(D[0], prob.device), make_coord(D[1], prob.device)
         t_enc, tiles = 0.0, 0
@@ -337,13 +352,53 @@ class Refiner:
                 t = self._clock()
                 proj = self._project(x)
                 t_enc, tiles = t_enc + self._clock() - t, tiles + 1
-                dy0, dy1 = y0 * D[0] // E[0], y1 * D[0] // E[0]
-                dx0, dx1 = x0 * D[1] // E[1], x1 * D[1] // E[1]
-                logits = self.model.decode(proj, qy_all[dy0:dy1], qx_all[dx0:dx1], cell, feat_grid=(Hf, Wf),
-                                           offset=(cy0 // 2, cx0 // 2))
-                prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
+                # Decode only the strips of `BAND_BLOCK` rows that the band touches, each over the columns
+                # between the band's first and last blocks in it: cache-sized pieces, little wasted work.
+                for by0 in range(y0, y1, BAND_BLOCK):
+                    by1 = min(y1, by0 + BAND_BLOCK)
+                    hit = band[by0:by1, x0:x1].any(0)
+                    if not hit.any():
+                        continue
+                    idx = torch.nonzero(hit)[:, 0]
+                    bx0 = x0 + int(idx[0]) // BAND_BLOCK * BAND_BLOCK
+                    bx1 = min(x1, x0 + (int(idx[-1]) // BAND_BLOCK + 1) * BAND_BLOCK)
+                    dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
+                    dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
+                    logits = self.model.decode(proj, qy_all[dy0:dy1], qx_all[dx0:dx1], cell, feat_grid=(Hf, Wf),
+                                               offset=(cy0 // 2, cx0 // 2))
+                    prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
         self._tiles = tiles
         return prob, t_enc
+
+
+def resize(x, size):
+    """The release's resize (bilinear, align_corners); at the same size that is the identity, and no copy is
+    made (at 6K each copy of the padded image is 300 MB)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def resize_positions(n_out, n_in, device=None):
+    """Where F.interpolate(size=n_out, align_corners=True) samples an n_in axis, as (-1, 1) pixel-centre coords."""
+    pos = torch.arange(n_out, device=device, dtype=torch.float32) * ((n_in - 1) / max(1, n_out - 1))
+    return -1 + (2 * pos + 1) / n_in
+
+
+def band_cells(prev, radius, unsettled, cell=8):
+    """Where fast mode looks again: cells of `cell` x `cell` px of prev's grid (B x 1 x h x w probabilities)
+    within `radius` px of any mask's 0.5 contour or of its unsettled pixels (p in (u, 1 - u)); h/cell x w/cell bool.
+
+    Worked out on the cell grid (one pass over the pixels, then tiny pools) because a pixel-exact dilation
+    by a 40-px radius costs more than the decoding it saves; one extra cell keeps the band conservative.
+    """
+    fg = (prev > 0.5).float()
+    hi = F.max_pool2d(fg, cell, cell, ceil_mode=True)
+    lo = -F.max_pool2d(-fg, cell, cell, ceil_mode=True)
+    open_ = F.max_pool2d(((prev > unsettled) & (prev < 1 - unsettled)).float(), cell, cell, ceil_mode=True)
+    r = math.ceil(radius / cell) + 1
+    grow = lambda t: F.max_pool2d(t, 2 * r + 1, 1, r)  # noqa: E731
+    return ((grow(hi) > -grow(-lo)) | (grow(open_) > 0)).any(0)[0]
 
 
 # ----------------------------------------------------------------------------------------------- input checks

@@ -64,6 +64,25 @@ def test_refine_single_image(tmp_path, big_dir, released_weights):
     assert set(np.unique(m)) <= {0, 255}
 
 
+def test_refine_fast_flag_selects_fast_mode(tmp_path, big_dir, released_weights, monkeypatch):
+    from crm_d2 import refiner as refiner_module
+
+    modes = []
+    real = refiner_module.Refiner.__init__
+
+    def spy(self, *a, **k):
+        modes.append(k.get("mode"))
+        real(self, *a, **k)
+
+    monkeypatch.setattr(refiner_module.Refiner, "__init__", spy)
+    for flag in ([], ["--fast"]):
+        out = tmp_path / f"fast{len(flag)}.png"
+        assert main(["refine", "--weights", str(released_weights), str(big_dir / "a_im.jpg"),
+                     str(big_dir / "a_seg.png"), "-o", str(out)] + flag) == 0
+        assert cv2.imread(str(out), cv2.IMREAD_UNCHANGED).shape == (90, 120)
+    assert modes == ["exact", "fast"]
+
+
 def test_cli_errors(tmp_path, big_dir, released_weights, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")

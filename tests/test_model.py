@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crm_d2.model import CRM, CRMConfig, axis_neighbours, count_parameters, make_coord
+from crm_d2.model import TRUNK_BYTES_PER_PX_PER_WIDTH, CRM, CRMConfig, axis_neighbours, count_parameters, make_coord
 
 
 def test_released_parameter_count_and_layout():
@@ -123,3 +123,25 @@ def test_decoding_a_feature_crop_equals_the_whole_map(tiny_model):
     part = tiny_model.decode(crop, make_coord(H)[12:28], make_coord(W)[8:32], cell=(2 / H, 2 / W),
                              feat_grid=(10, 12), offset=(2, 1))
     assert torch.allclose(part, whole[:, 12:28, 8:32], atol=1e-6)
+
+
+def test_row_tiled_trunk_equals_whole(tiny_model):
+    x = torch.randn(2, 4, 300, 40)
+    per_row = 2 * 40 * TRUNK_BYTES_PER_PX_PER_WIDTH * tiny_model.cfg.width
+    with torch.no_grad():
+        whole = tiny_model.encode_projected(x)
+        halo = tiny_model.trunk_halo()
+        # tiles of 8 and 40 own rows, each with the receptive-field halo; fused in slabs of 3 rows / all rows
+        for rows, slab_budget in ((8, 200_000), (40, 256 << 20)):
+            tiled = tiny_model.encode_projected(x, slab_budget, trunk_budget=per_row * (2 * halo + rows))
+            assert torch.allclose(tiled, whole, atol=1e-6)
+        # The halo is what makes it exact: with too little context the tiles' seams show.
+        tiny_model.trunk_halo = lambda: 8
+        seams = tiny_model.encode_projected(x, trunk_budget=per_row * 24)
+    assert (seams - whole).abs().max() > 1e-4
+
+
+def test_trunk_halo_covers_the_receptive_field():
+    # conv1 3 + pool 2 + layer1 3x4 + layer2 4+3x8 + layer3 8+5x16 = 133 px for the released ResNet-50
+    assert CRM(CRMConfig()).trunk_halo() == 160
+    assert CRM(CRMConfig.preset("tiny")).trunk_halo() == 64

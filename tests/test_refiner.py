@@ -85,7 +85,7 @@ def test_max_side_caps_encoder_input(refiner, scene, monkeypatch):
     img, _, coarse = scene
     sizes = []
     real = refiner.model.encode_projected
-    monkeypatch.setattr(refiner.model, "encode_projected", lambda x, b: sizes.append(x.shape[-2:]) or real(x, b))
+    monkeypatch.setattr(refiner.model, "encode_projected", lambda x, *a: sizes.append(x.shape[-2:]) or real(x, *a))
     out = refiner.refine(img, coarse, max_side=100)
     assert out.shape == coarse.shape
     assert max(max(s) for s in sizes) <= 100
@@ -150,9 +150,10 @@ def test_fast_mode_tiles_equal_dense_when_halo_covers_the_image(refiner, scene):
 
     img, _, coarse = scene
     refiner.mode = "fast"
-    refiner.fast = FastOptions(band_from=10.0)  # every stage dense
+    own = dict(next_grid=False, band_full=False)  # every stage decodes its own grid, dense or tiled
+    refiner.fast = FastOptions(band_from=10.0, **own)  # every stage dense
     dense = refiner.refine(img, coarse)
-    refiner.fast = FastOptions(band=10_000, tile=64, halo=256, band_from=0.2)
+    refiner.fast = FastOptions(band=10_000, tile=64, halo=256, band_from=0.2, **own)
     tiled = refiner.refine(img, coarse)
     np.testing.assert_allclose(tiled, dense, atol=1e-5)
 
@@ -171,13 +172,80 @@ def test_fast_mode_keeps_settled_pixels_from_the_previous_stage(refiner, scene):
         FastOptions(tile=33)
 
 
-def test_fast_mode_dense_upsample_decodes_low_stages_finer(refiner, scene):
+def test_fast_mode_low_stages_decode_what_the_next_stage_reads(refiner, scene):
     from crm_d2.refiner import FastOptions
 
     img, _, coarse = scene
+    exact = refiner.refine(img, coarse)
     refiner.mode = "fast"
-    refiner.fast = FastOptions(band_from=10.0, dense_upsample=16)  # every stage dense, at full resolution
-    fine = refiner.refine(img, coarse)
-    refiner.mode = "exact"
-    # at full resolution every stage decodes exactly what exact mode decodes
-    np.testing.assert_allclose(fine, refiner.refine(img, coarse), atol=1e-5)
+    gaps = {}
+    for next_grid in (False, True):
+        refiner.fast = FastOptions(band_from=10.0, next_grid=next_grid)  # every stage dense
+        gaps[next_grid] = np.abs(refiner.refine(img, coarse) - exact).mean()
+    # decoding the next stage's sample points stays much closer to exact mode than decoding each stage's own
+    # grid and resizing it (what remains: the decoder at a point vs the bilinear blend of its two neighbours)
+    assert gaps[True] < 0.2 * gaps[False] and gaps[False] > 1e-4
+
+
+def test_resize_positions_are_where_interpolate_samples():
+    import torch
+    import torch.nn.functional as F
+
+    from crm_d2.model import make_coord
+    from crm_d2.refiner import resize_positions
+
+    n_in, n_out = 37, 10
+    ramp = make_coord(n_in)  # a linear ramp of pixel-centre coordinates: bilinear sampling returns positions
+    sampled = F.interpolate(ramp.view(1, 1, -1), size=n_out, mode="linear", align_corners=True).view(-1)
+    assert torch.allclose(resize_positions(n_out, n_in), sampled, atol=1e-6)
+
+def test_tight_memory_budget_tiles_the_trunk_and_changes_nothing(refiner, scene, monkeypatch):
+    img, _, coarse = scene
+    a = refiner.refine(img, coarse)
+    calls = []
+    trunk = refiner.model._branches
+    monkeypatch.setattr(refiner.model, "_branches", lambda x: calls.append(x.shape[-2]) or trunk(x))
+    refiner.memory_budget = 40_000  # a trunk budget of ~0.16 MB: the full-scale pass needs row tiles
+    np.testing.assert_allclose(refiner.refine(img, coarse), a, atol=1e-5)
+    assert len(calls) > len(refiner.scales) and min(calls) < img.shape[0]
+
+
+def test_band_cells_marks_the_contour_and_unsettled_pixels():
+    import torch
+
+    from crm_d2.refiner import band_cells
+
+    prev = torch.zeros(1, 1, 64, 128)
+    prev[..., :, :40] = 1  # a vertical contour between x=39 and x=40
+    prev[..., 50:, 120:] = 0.5  # an undecided patch in the far corner
+    band = band_cells(prev, radius=8, unsettled=0.2, cell=8)
+    assert band.shape == (8, 16) and band.dtype == torch.bool
+    cols = band[:4].any(0).nonzero()[:, 0].tolist()
+    assert 4 in cols and 5 in cols  # the cells on both sides of the contour
+    assert min(cols) >= 1 and max(cols) <= 8  # radius 8 px = 1 cell, plus one for safety, not more
+    assert band[7, 15] and band[5, 13] and not band[0, 12]
+
+
+def test_fast_mode_with_one_scale_refines_a_band_around_the_coarse_mask(refiner, scene):
+    from crm_d2.refiner import FastOptions
+
+    img, _, coarse = scene
+    refiner.scales = (1.0,)
+    exact = refiner.refine(img, coarse)
+    refiner.mode = "fast"
+    refiner.fast = FastOptions(coarse_band=10.0, tile=64, halo=256)  # band and context cover everything
+    np.testing.assert_allclose(refiner.refine(img, coarse), exact, atol=1e-5)
+    # a bigger scene, so that some tiles lie far from the coarse boundary
+    import cv2
+
+    yy, xx = np.mgrid[:240, :320]
+    disc = ((yy - 120) ** 2 + (xx - 160) ** 2) < 50**2
+    img = np.random.default_rng(1).integers(0, 255, (240, 320, 3)).astype(np.uint8)
+    refiner.fast = FastOptions(band=4, coarse_band=0.0, tile=32, halo=16)
+    out = refiner.refine(img, disc)
+    # far from the coarse boundary the coarse mask is kept as it is, near it the model decides
+    dist = cv2.distanceTransform((~disc).astype(np.uint8), cv2.DIST_L2, 3) + cv2.distanceTransform(
+        disc.astype(np.uint8), cv2.DIST_L2, 3)
+    far = dist > 90  # band (3 cells) plus a whole 32-px tile
+    assert far.sum() > 10_000 and np.array_equal(out[far], disc[far].astype(np.float32))
+    assert np.abs(out - disc)[dist < 3].max() > 0.05

@@ -3,12 +3,15 @@
 
     python tools/benchmark.py                                   # CPU (and CUDA when present), 1K-6K, exact + fast
     python tools/benchmark.py --sizes 1k 2k --modes exact reference --runs 3
-    python tools/benchmark.py --weights demo --quality          # fast vs exact IoU/mBA on generated scenes
+    python tools/benchmark.py --weights demo --sizes 4k         # fast vs exact IoU/mBA on a generated scene
+    python tools/benchmark.py --weights demo --sizes 4k --photos ../shared/data/crm-train/ecssd --photo-count 5
 
 Every configuration runs in its own subprocess so that peak memory (ru_maxrss on CPU, max_memory_allocated on
-CUDA) belongs to that configuration alone. "reference" is the released pipeline (crm_d2.reference: layer4
-computed, four 256-d gathers per query) for speed-up figures. Results print as a Markdown table and can be saved
-as JSON (--json).
+CUDA) belongs to that configuration alone. Inputs are generated scenes (crm_d2.train.synthetic.make_scene) or,
+with --photos (a folder with images/ and masks/ of the same stems), real photos upscaled to the size with their
+masks (`upscale_photo`; there is no real 4K data here), each with a low-resolution segmenter's coarse mask.
+"reference" is the released pipeline (crm_d2.reference: layer4 computed, four 256-d gathers per query) for
+speed-up figures. Results print as a Markdown table and can be saved as JSON (--json).
 """
 import argparse
 import json
@@ -29,11 +32,16 @@ def run_one(args):
     from crm_d2.metrics import boundary_accuracy, iou
     from crm_d2.reference import make_layer4, reference_refine
     from crm_d2.refiner import Refiner
-    from crm_d2.train.synthetic import make_scene
+    from crm_d2.io import read_image, read_mask
+    from crm_d2.train.synthetic import make_scene, upscale_photo
 
     torch.manual_seed(0)
     H, W = SIZES[args.size]
-    scene = make_scene((H, W), seed=args.seed)
+    if args.photo:
+        image_path, mask_path = args.photo.split(os.pathsep)
+        scene = upscale_photo(read_image(image_path), read_mask(mask_path), (H, W), seed=args.seed)
+    else:
+        scene = make_scene((H, W), seed=args.seed)
     mask = scene.coarse
     random = args.weights.startswith("random-")
     refiner = Refiner(weights=None if random else args.weights, allow_random=random,
@@ -57,7 +65,9 @@ def run_one(args):
         stages = refiner.profile
     peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    res = {"size": args.size, "hw": [H, W], "mode": args.mode + ("+roi" if args.roi else ""), "device": args.device,
+    res = {"size": args.size, "hw": [H, W],
+           "input": os.path.basename(args.photo.split(os.pathsep)[0]) if args.photo else f"scene {args.seed}",
+           "mode": args.mode + ("+roi" if args.roi else ""), "device": args.device,
            "weights": args.weights, "runs": args.runs, "median_s": statistics.median(times), "times_s": times,
            "peak_mem_gb": peak / 2**30, "mpix_per_s": H * W / 1e6 / statistics.median(times),
            "stages": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
@@ -81,6 +91,8 @@ def child(cfg, extra=()):
     cmd = [sys.executable, os.path.abspath(__file__), "--one", "--size", cfg["size"], "--mode", cfg["mode"],
            "--device", cfg["device"], "--weights", cfg["weights"], "--runs", str(cfg["runs"]), "--seed",
            str(cfg["seed"]), "--budget-mb", str(cfg["budget_mb"])] + list(extra)
+    if cfg.get("photo"):
+        cmd += ["--photo", cfg["photo"]]
     if cfg.get("scales"):
         cmd += ["--scales"] + [str(s) for s in cfg["scales"]]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -92,18 +104,20 @@ def child(cfg, extra=()):
 
 
 def markdown(results):
-    head = ("| size | device | mode | median s | MPix/s | peak GB | encoder s (per scale) | decoder s (per scale) "
-            "| IoU/mBA vs GT | coarse IoU/mBA | vs exact IoU/mBA, max diff |")
+    head = ("| size | input | device | mode | median s | MPix/s | peak GB | encoder s (per scale) "
+            "| decoder s (per scale) | IoU/mBA vs GT | coarse IoU/mBA | vs exact IoU/mBA, max diff |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['device']} | {r['mode']} | failed: {r['error'][-80:]} |")
+            lines.append(f"| {r['size']} | {r.get('input', '')} | {r['device']} | {r['mode']} "
+                         f"| failed: {r['error'][-80:]} |")
             continue
         enc = " / ".join(f"{s['encoder_s']:.2f}" for s in r["stages"])
         dec = " / ".join(f"{s['decoder_s']:.2f}" for s in r["stages"])
         vs = (f"{r['iou_vs_exact']:.2f}/{r['mba_vs_exact']:.2f}, {r['max_abs_diff_vs_exact']:.1e}"
               if "iou_vs_exact" in r else "")
-        lines.append(f"| {r['size']} | {r['device']} | {r['mode']} | {r['median_s']:.2f} | {r['mpix_per_s']:.2f} "
+        lines.append(f"| {r['size']} | {r['input']} | {r['device']} | {r['mode']} | {r['median_s']:.2f} "
+                     f"| {r['mpix_per_s']:.2f} "
                      f"| {r['peak_mem_gb']:.2f} | {enc} | {dec} | {r['iou_gt']:.2f}/{r['mba_gt']:.2f} "
                      f"| {r['coarse_iou_gt']:.2f}/{r['coarse_mba_gt']:.2f} | {vs} |")
     return "\n".join(lines)
@@ -121,6 +135,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-mb", type=int, default=512)
     p.add_argument("--scales", type=float, nargs="+", default=None, help="default: the checkpoint's, else released")
+    p.add_argument("--photos", help="folder with images/ and masks/ (same stems): upscaled real photos as inputs")
+    p.add_argument("--photo-count", type=int, default=3, help="photos taken evenly from --photos")
     p.add_argument("--json", help="write all results to this JSON file")
     # internal: one configuration in this process
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -128,6 +144,7 @@ def main():
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--device", help=argparse.SUPPRESS)
     p.add_argument("--roi", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--photo", help=argparse.SUPPRESS)
     p.add_argument("--save-pred", help=argparse.SUPPRESS)
     p.add_argument("--compare-to", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -139,14 +156,15 @@ def main():
     import torch
 
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    inputs = photo_pairs(args.photos, args.photo_count) if args.photos else [None]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for device in devices:
-            for size in args.sizes:
-                exact_pred = os.path.join(tmp, f"{device}_{size}.npy")
+            for size, (k, photo) in ((s, p) for s in args.sizes for p in enumerate(inputs)):
+                exact_pred = os.path.join(tmp, f"{device}_{size}_{k}.npy")
                 for mode in sorted(args.modes, key=lambda m: m != "exact"):  # exact first: others compare to it
                     cfg = dict(size=size, mode=mode, device=device, weights=args.weights, runs=args.runs,
-                               seed=args.seed, budget_mb=args.budget_mb, scales=args.scales)
+                               seed=args.seed, budget_mb=args.budget_mb, scales=args.scales, photo=photo)
                     extra = ["--save-pred", exact_pred] if mode == "exact" else (
                         ["--compare-to", exact_pred] if os.path.exists(exact_pred) else [])
                     r = child(cfg, extra)
@@ -157,6 +175,19 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "results": results}, f, indent=1)
+
+
+def photo_pairs(folder, count):
+    """`count` image/mask pairs taken evenly from folder/images and folder/masks, as 'image:mask' strings."""
+    from pathlib import Path
+
+    images = sorted(p for p in (Path(folder) / "images").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    pairs = [(p, Path(folder) / "masks" / (p.stem + ".png")) for p in images]
+    pairs = [(i, m) for i, m in pairs if m.exists()]
+    if not pairs:
+        sys.exit(f"--photos {folder}: no images/NAME.jpg with masks/NAME.png found")
+    pick = pairs[:: max(1, len(pairs) // max(1, count))][:count]
+    return [f"{i}{os.pathsep}{m}" for i, m in pick]
 
 
 def machine():

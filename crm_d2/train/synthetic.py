@@ -156,6 +156,13 @@ def make_scene(size=512, seed=0, *, objects=None, holes=True, thin=True, segment
         # Soft image edges (optics), hard GT.
         image[y0:y0 + rh, x0:x0 + rw] = cv2.GaussianBlur(image[y0:y0 + rh, x0:x0 + rw], (3, 3), 0.7)
     gt = cv2.threshold(labels, 0, 255, cv2.THRESH_BINARY)[1]
+    coarse = _segmenter_view(gt, rng, segmenter_side)
+    return Scene(image=image, gt=gt, coarse=coarse, labels=labels, seed=int(seed))
+
+
+def _segmenter_view(gt, rng, segmenter_side=None):
+    """The coarse mask of a low-resolution segmenter whose grid has `segmenter_side` px on its long side."""
+    h, w = gt.shape
     if segmenter_side is None:
         # Never finer than 1/4 of the scene, so that small test scenes still get a visibly coarse mask.
         segmenter_side = min(int(rng.integers(96, 321)), max(h, w) / 4.0)
@@ -164,8 +171,28 @@ def make_scene(size=512, seed=0, *, objects=None, holes=True, thin=True, segment
     blur = min(1.0, segmenter_side / 96.0)
     cfg = PerturbConfig(lowres_threshold=(0.4, 0.6), lowres_blur_prob=1.0, lowres_blur_sigma=(0.5 * blur, 1.5 * blur),
                         lowres_soft_prob=0.0)
-    coarse = lowres_perturb(gt, rng, cfg, factor=factor)
-    return Scene(image=image, gt=gt, coarse=coarse, labels=labels, seed=int(seed))
+    return lowres_perturb(gt, rng, cfg, factor=factor)
+
+
+def upscale_photo(image, mask, size, seed=0, segmenter_side=None):
+    """A high-resolution test scene from a real photo and its mask (there is no real 4K data here).
+
+    The photo is scaled (bicubic) to cover `size` and centre-cropped; the mask is scaled as a soft map and
+    thresholded at 0.5, so its boundary stays smooth rather than staircased; the coarse mask is the same
+    low-resolution segmenter's view as in `make_scene`. Figures from these say "upscaled photos".
+    """
+    H, W = _size(size)
+    h, w = mask.shape
+    k = max(H / h, W / w)
+    sh, sw = max(H, round(h * k)), max(W, round(w * k))
+    y0, x0 = (sh - H) // 2, (sw - W) // 2
+    img = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_CUBIC)[y0 : y0 + H, x0 : x0 + W]
+    soft = cv2.resize(mask.astype(np.float32) / max(1, mask.max()), (sw, sh), interpolation=cv2.INTER_LINEAR)
+    gt = np.where(soft[y0 : y0 + H, x0 : x0 + W] >= 0.5, 255, 0).astype(np.uint8)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9E07]))
+    coarse = _segmenter_view(gt, rng, segmenter_side)
+    return Scene(image=np.ascontiguousarray(img), gt=gt, coarse=coarse, labels=(gt > 0).astype(np.uint8),
+                 seed=int(seed))
 
 
 def write_big_folder(folder, count, size=512, seed=0, **kwargs):
