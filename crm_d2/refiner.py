@@ -83,10 +83,10 @@ class FastOptions:
 
     band: int = 16
     unsettled: float = 0.2
-    tile: int = 256
+    tile: int = 128
     halo: int = 32
     band_from: float = 0.5
-    coarse_band: float = 0.01
+    coarse_band: float = 0.005
     next_grid: bool = True
     band_full: bool = True
 
@@ -121,7 +121,8 @@ class Refiner:
         memory_budget: bytes the decoder may use per step (queries are chunked to fit it); the encoder trunk
             runs in row tiles when its activations would exceed four times this.
         max_batch: masks encoded together at once.
-        amp: run the encoder in bfloat16 autocast on CUDA (faster, not bit-exact).
+        amp: run the encoder in bfloat16 autocast (faster on CUDA, slower on CPUs without bf16 units; not
+            bit-exact, its error is measured in docs/benchmark.md).
         mode: "exact" (the released protocol) or "fast" (band-limited later stages, see `FastOptions`).
         fast: FastOptions for mode="fast".
         config: architecture for `weights=None`.
@@ -148,7 +149,7 @@ class Refiner:
         self.scales = self._check_scales(scales)
         self.memory_budget = int(memory_budget)
         self.max_batch = max(1, int(max_batch))
-        self.amp = bool(amp) and self.device.type == "cuda"
+        self.amp = bool(amp)
         if mode not in ("exact", "fast"):
             raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
         self.mode = mode
@@ -335,40 +336,54 @@ class Refiner:
     def _band_stage(self, im_s, seg_s, prev, D, cell, band_px):
         opt = self.fast
         E = seg_s.shape[-2:]
-        prob = F.interpolate(prev, size=D, mode="bilinear", align_corners=True)[:, 0]
+        prob = resize(prev, D)[:, 0].clone()  # the previous stage, kept outside the band
         band = band_cells(prev, band_px * prev.shape[-2] / D[0], opt.unsettled)
         band = F.interpolate(band[None, None].float(), size=E, mode="nearest")[0, 0] > 0
         Hf, Wf = (E[0] + 1) // 2, (E[1] + 1) // 2
         qy_all, qx_all = make_coord(D[0], prob.device), make_coord(D[1], prob.device)
         t_enc, tiles = 0.0, 0
         for y0 in range(0, E[0], opt.tile):
-            for x0 in range(0, E[1], opt.tile):
-                y1, x1 = min(E[0], y0 + opt.tile), min(E[1], x0 + opt.tile)
-                if not band[y0:y1, x0:x1].any():
-                    continue
-                cy0, cx0 = max(0, y0 - opt.halo), max(0, x0 - opt.halo)
-                cy1, cx1 = min(E[0], y1 + opt.halo), min(E[1], x1 + opt.halo)
+            y1 = min(E[0], y0 + opt.tile)
+            starts = [x0 for x0 in range(0, E[1], opt.tile) if band[y0:y1, x0 : x0 + opt.tile].any()]
+            # Neighbouring band tiles of a row are encoded as one crop: one halo per run, not per tile.
+            for run in _runs(starts, opt.tile):
+                xa, xb = run[0], min(E[1], run[-1] + opt.tile)
+                cy0, cx0 = max(0, y0 - opt.halo), max(0, xa - opt.halo)
+                cy1, cx1 = min(E[0], y1 + opt.halo), min(E[1], xb + opt.halo)
                 x = torch.cat((im_s[..., cy0:cy1, cx0:cx1], seg_s[..., cy0:cy1, cx0:cx1]), 1)
                 t = self._clock()
                 proj = self._project(x)
-                t_enc, tiles = t_enc + self._clock() - t, tiles + 1
-                # Decode only the strips of `BAND_BLOCK` rows that the band touches, each over the columns
-                # between the band's first and last blocks in it: cache-sized pieces, little wasted work.
-                for by0 in range(y0, y1, BAND_BLOCK):
-                    by1 = min(y1, by0 + BAND_BLOCK)
-                    hit = band[by0:by1, x0:x1].any(0)
-                    if not hit.any():
-                        continue
-                    idx = torch.nonzero(hit)[:, 0]
-                    bx0 = x0 + int(idx[0]) // BAND_BLOCK * BAND_BLOCK
-                    bx1 = min(x1, x0 + (int(idx[-1]) // BAND_BLOCK + 1) * BAND_BLOCK)
-                    dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
-                    dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
-                    logits = self.model.decode(proj, qy_all[dy0:dy1], qx_all[dx0:dx1], cell, feat_grid=(Hf, Wf),
-                                               offset=(cy0 // 2, cx0 // 2))
-                    prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
+                t_enc, tiles = t_enc + self._clock() - t, tiles + len(run)
+                for x0 in run:
+                    x1 = min(E[1], x0 + opt.tile)
+                    # Decode only the strips of `BAND_BLOCK` rows that the band touches, each over the columns
+                    # between the band's first and last blocks in it: cache-sized pieces, little wasted work.
+                    for by0 in range(y0, y1, BAND_BLOCK):
+                        by1 = min(y1, by0 + BAND_BLOCK)
+                        hit = band[by0:by1, x0:x1].any(0)
+                        if not hit.any():
+                            continue
+                        idx = torch.nonzero(hit)[:, 0]
+                        bx0 = x0 + int(idx[0]) // BAND_BLOCK * BAND_BLOCK
+                        bx1 = min(x1, x0 + (int(idx[-1]) // BAND_BLOCK + 1) * BAND_BLOCK)
+                        dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
+                        dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
+                        logits = self.model.decode(proj, qy_all[dy0:dy1], qx_all[dx0:dx1], cell,
+                                                   feat_grid=(Hf, Wf), offset=(cy0 // 2, cx0 // 2))
+                        prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
         self._tiles = tiles
         return prob, t_enc
+
+
+def _runs(starts, step):
+    """Split sorted tile starts into runs of neighbours ([0, 256, 768] -> [[0, 256], [768]])."""
+    runs = []
+    for x in starts:
+        if runs and x - runs[-1][-1] == step:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return runs
 
 
 def resize(x, size):

@@ -190,3 +190,23 @@ def test_band_limits_changes_to_the_coarse_boundary():
     assert out[50, 50] == 1 and out[2, 2] == 0  # far from the boundary: the coarse mask holds
     assert out[30, 50] == 0 and out[27, 50] == 0 and out[34, 50] == 0  # near it: the refiner decides
     assert out[36, 50] == 1
+
+
+def test_band_on_the_mask_box_equals_the_whole_image_morphology():
+    import cv2
+
+    from crm_d2.panoptic.refine import limit_to_band
+
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        mask = np.zeros((120, 160), np.uint8)
+        cx, cy = rng.integers(0, 160), rng.integers(0, 120)  # some touch the image border
+        cv2.ellipse(mask, (int(cx), int(cy)), (int(rng.integers(5, 50)), int(rng.integers(5, 40))), 0, 0, 360, 1, -1)
+        prob = rng.random(mask.shape).astype(np.float32)
+        r = round(0.04 * 160)
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        near = cv2.dilate(mask, kernel) != cv2.erode(mask, kernel)
+        np.testing.assert_array_equal(limit_to_band(prob, mask.astype(bool), 0.04),
+                                      np.where(near, prob, mask.astype(np.float32)))
+    empty = np.zeros((20, 30), bool)
+    assert not limit_to_band(np.ones((20, 30), np.float32), empty, 0.1).any()

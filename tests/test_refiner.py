@@ -249,3 +249,12 @@ def test_fast_mode_with_one_scale_refines_a_band_around_the_coarse_mask(refiner,
     far = dist > 90  # band (3 cells) plus a whole 32-px tile
     assert far.sum() > 10_000 and np.array_equal(out[far], disc[far].astype(np.float32))
     assert np.abs(out - disc)[dist < 3].max() > 0.05
+
+
+def test_amp_encoder_is_close_to_fp32(refiner, scene):
+    img, _, coarse = scene
+    fp32 = refiner.refine(img, coarse)
+    refiner.amp = True  # bfloat16 autocast encoder, on CPU here
+    bf16 = refiner.refine(img, coarse)
+    diff = np.abs(bf16 - fp32)
+    assert bf16.dtype == np.float32 and 0 < diff.max() < 0.1 and diff.mean() < 0.01

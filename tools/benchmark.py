@@ -47,7 +47,7 @@ def run_one(args):
     refiner = Refiner(weights=None if random else args.weights, allow_random=random,
                       config=args.weights[len("random-"):] if random else None, device=args.device,
                       mode="fast" if args.mode == "fast" else "exact", memory_budget=args.budget_mb << 20,
-                      scales=args.scales)
+                      scales=args.scales, amp=args.mode == "amp")
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times, stages, out = [], [], None
@@ -126,7 +126,8 @@ def markdown(results):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--modes", nargs="+", default=["exact", "fast"], choices=["exact", "fast", "reference"])
+    p.add_argument("--modes", nargs="+", default=["exact", "fast"], choices=["exact", "fast", "amp", "reference"],
+                   help="amp: exact mode with a bfloat16 autocast encoder")
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     p.add_argument("--weights", default="random-r50",
                    help="checkpoint path, 'demo', or random-<preset> (timing only: random weights make fast mode's "
