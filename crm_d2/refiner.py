@@ -359,17 +359,7 @@ class Refiner:
                 proj = self._project(x)
                 t_enc, tiles = t_enc + self._clock() - t, tiles + len(run)
                 for x0 in run:
-                    x1 = min(E[1], x0 + opt.tile)
-                    # Decode only the strips of `BAND_BLOCK` rows that the band touches, each over the columns
-                    # between the band's first and last blocks in it: cache-sized pieces, little wasted work.
-                    for by0 in range(y0, y1, BAND_BLOCK):
-                        by1 = min(y1, by0 + BAND_BLOCK)
-                        hit = band[by0:by1, x0:x1].any(0)
-                        if not hit.any():
-                            continue
-                        idx = torch.nonzero(hit)[:, 0]
-                        bx0 = x0 + int(idx[0]) // BAND_BLOCK * BAND_BLOCK
-                        bx1 = min(x1, x0 + (int(idx[-1]) // BAND_BLOCK + 1) * BAND_BLOCK)
+                    for by0, by1, bx0, bx1 in band_strips(band, y0, y1, x0, min(E[1], x0 + opt.tile)):
                         dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
                         dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
                         logits = self.model.decode(proj, qy_all[dy0:dy1], qx_all[dx0:dx1], cell,
@@ -377,6 +367,18 @@ class Refiner:
                         prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
         self._tiles = tiles
         return prob, t_enc
+
+
+def band_strips(band, y0, y1, x0, x1):
+    """The pieces of the tile band[y0:y1, x0:x1] to decode: strips of BAND_BLOCK rows that the band touches,
+    each over the columns between the band's first and last BAND_BLOCK-wide blocks in it (cache-sized pieces,
+    little wasted work). Yields (y0, y1, x0, x1) on band's grid."""
+    for by0 in range(y0, y1, BAND_BLOCK):
+        by1 = min(y1, by0 + BAND_BLOCK)
+        idx = torch.nonzero(band[by0:by1, x0:x1].any(0))[:, 0]
+        if idx.numel():
+            yield (by0, by1, x0 + int(idx[0]) // BAND_BLOCK * BAND_BLOCK,
+                   min(x1, x0 + (int(idx[-1]) // BAND_BLOCK + 1) * BAND_BLOCK))
 
 
 def _runs(starts, step):
