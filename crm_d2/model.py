@@ -293,7 +293,7 @@ class CRM(nn.Module):
         for a in range(0, H, step):
             b = min(H, a + step)
             c0, c1 = max(0, a - halo), min(H, b + halo)
-            parts = self._branches(x[:, :, c0:c1])[1:]
+            parts = self._branches(x[:, :, c0:c1], stride2=False)[1:]
             if out is None:
                 out = [p.new_empty(*p.shape[:2], -(-H // s), p.shape[-1]) for p, s in zip(parts, (4, 8))]
             for o, p, s in zip(out, parts, (4, 8)):
@@ -306,15 +306,19 @@ class CRM(nn.Module):
 
     def _stem_branch_rows(self, x, lo, hi):
         """Rows lo..hi of the stride-2 branch, from the input rows they depend on (the 7x7 stem: 3 rows)."""
-        n, f = self.aspp_, self.feats
+        n = self.aspp_
         c0, c1 = max(0, 2 * lo - 8), min(x.shape[-2], 2 * hi + 8)  # even start: the stride-2 grid aligns
-        y = bn_(f.bn1, f.conv1(x[:, :, c0:c1])).relu_()
+        y = self._stem(x[:, :, c0:c1])
         return n.branch(y, n.aspp1_128, n.bn1_128)[:, :, lo - c0 // 2 : hi - c0 // 2]
 
-    def _branches(self, x):
+    def _stem(self, x):
+        return bn_(self.feats.bn1, self.feats.conv1(x)).relu_()
+
+    def _branches(self, x, stride2=True):
+        """(b1, b2, b3); b1 is None with stride2=False (row tiles: it is recomputed per fusion slab instead)."""
         n, f = self.aspp_, self.feats
-        x = bn_(f.bn1, f.conv1(x)).relu_()
-        b1 = n.branch(x, n.aspp1_128, n.bn1_128)
+        x = self._stem(x)
+        b1 = n.branch(x, n.aspp1_128, n.bn1_128) if stride2 else None
         x = f.layer1(f.maxpool(x))
         b2 = n.branch(x, n.aspp1_256, n.bn1_256)
         x = f.layer3(f.layer2(x))

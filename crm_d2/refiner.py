@@ -250,10 +250,10 @@ class Refiner:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _record(self, scale, t0, t1):
+    def _record(self, scale, t0, t1, **extra):
         if self.profile is not None:
             t2 = self._clock()
-            self.profile.append({"scale": scale, "encoder_s": t1 - t0, "decoder_s": t2 - t1})
+            self.profile.append({"scale": scale, "encoder_s": t1 - t0, "decoder_s": t2 - t1, **extra})
 
     def _project_batched(self, im_s, seg_s):
         """Encode B masks on one (or B) resized images, in sub-batches whose encoder activations fit the budget
@@ -320,16 +320,16 @@ class Refiner:
             im_s = resize(im, E).expand(B, -1, -1, -1)
             src = seg if prev is None else (prev - 0.5) * 2
             seg_s = resize(src, E)
-            t0 = self._clock()
+            t0, extra = self._clock(), {}
             if dense:
                 prob = torch.empty(B, *D, device=self.device)
                 proj = self._project_batched(im_s, seg_s)
                 t1 = self._clock()
                 self._decode_into(prob, proj, cell, queries)
             else:
-                prob, t_enc = self._band_stage(im_s, seg_s, prev, D, cell, band)
+                prob, t_enc, extra["tiles"] = self._band_stage(im_s, seg_s, prev, D, cell, band)
                 t1 = t0 + t_enc
-            self._record(s, t0, t1)
+            self._record(s, t0, t1, **extra)
             empty = (seg_s + 1).flatten(1).sum(1) * (Hp * Wp / (E[0] * E[1])) < 2
             prob[empty] = 0
             prev = prob[:, None]
@@ -358,15 +358,19 @@ class Refiner:
                 t = self._clock()
                 proj = self._project(x)
                 t_enc, tiles = t_enc + self._clock() - t, tiles + len(run)
+                # The query terms of the run's rows and columns once; each strip takes its slices.
+                ry0, rx0 = y0 * D[0] // E[0], xa * D[1] // E[1]
+                rows, cols = self.model.query_terms(proj, qy_all[ry0 : y1 * D[0] // E[0]],
+                                                    qx_all[rx0 : xb * D[1] // E[1]], cell, feat_grid=(Hf, Wf),
+                                                    offset=(cy0 // 2, cx0 // 2))
                 for x0 in run:
                     for by0, by1, bx0, bx1 in band_strips(band, y0, y1, x0, min(E[1], x0 + opt.tile)):
                         dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
                         dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
-                        logits = self.model.decode(proj, qy_all[dy0:dy1], qx_all[dx0:dx1], cell,
-                                                   feat_grid=(Hf, Wf), offset=(cy0 // 2, cx0 // 2))
+                        logits = self.model.ensemble(proj, [t[:, dy0 - ry0 : dy1 - ry0] for t in rows],
+                                                     [t[:, dx0 - rx0 : dx1 - rx0] for t in cols])
                         prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
-        self._tiles = tiles
-        return prob, t_enc
+        return prob, t_enc, tiles
 
 
 def band_strips(band, y0, y1, x0, x1):

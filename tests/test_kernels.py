@@ -81,19 +81,23 @@ def test_first_use_check_falls_back_to_torch_on_a_mismatch(tiny_model, monkeypat
     with torch.no_grad():
         want = tiny_model._ensemble_torch(proj, rows, cols)
     monkeypatch.setattr(kernels, "_state", {"checked": False, "ok": True})
+    # Where the kernel could run (Triton present, interpreter on): available until the check fails.
+    monkeypatch.setattr(kernels, "triton", kernels.triton or object())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("CRM_D2_NO_TRITON", raising=False)
+    assert kernels.fused_decoder_available(proj, 32)
     monkeypatch.setattr(kernels, "fused_ensemble", lambda *a, **k: want + 1)  # a kernel gone wrong
     with pytest.warns(RuntimeWarning, match="disagrees"):
         got = kernels.checked_fused_ensemble(proj, rows, cols, tiny_model.imnet.layers, lambda: want)
     assert torch.equal(got, want) and kernels._state["ok"] is False
-    assert not kernels.fused_decoder_available(proj.cuda() if torch.cuda.is_available() else proj, 32)
+    assert not kernels.fused_decoder_available(proj, 32)
 
 
 def test_kernel_is_not_used_on_cpu_or_for_training(tiny_model, monkeypatch):
     proj, rows, cols = _terms(tiny_model)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not kernels.fused_decoder_available(proj, 32)
-    monkeypatch.setattr(kernels, "fused_decoder_available", lambda *a: True)
-    monkeypatch.setattr("crm_d2.model.fused_decoder_available", lambda *a: True)
+    monkeypatch.setattr("crm_d2.model.fused_decoder_available", lambda *a: True)  # as on CUDA
     called = []
     monkeypatch.setattr("crm_d2.model.checked_fused_ensemble", lambda *a: called.append(1))
     proj.requires_grad_(True)

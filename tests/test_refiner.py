@@ -204,7 +204,8 @@ def test_tight_memory_budget_tiles_the_trunk_and_changes_nothing(refiner, scene,
     a = refiner.refine(img, coarse)
     calls = []
     trunk = refiner.model._branches
-    monkeypatch.setattr(refiner.model, "_branches", lambda x: calls.append(x.shape[-2]) or trunk(x))
+    monkeypatch.setattr(refiner.model, "_branches",
+                        lambda x, *a, **k: calls.append(x.shape[-2]) or trunk(x, *a, **k))
     refiner.memory_budget = 40_000  # a trunk budget of ~0.16 MB: the full-scale pass needs row tiles
     np.testing.assert_allclose(refiner.refine(img, coarse), a, atol=1e-5)
     assert len(calls) > len(refiner.scales) and min(calls) < img.shape[0]
