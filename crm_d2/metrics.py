@@ -74,19 +74,27 @@ def mba_radii(h, w):
     return [1 + int((max_r - 1) / MBA_STEPS * i) for i in range(MBA_STEPS)]
 
 
-def _boundary_accuracy(pred, gt):
+def boundary_bands(gt):
+    """The five GT boundary bands of mBA (bool HxW each), or None when a band is empty (all-0 or all-1 GT).
+    Computed once per GT: they are the costly part, and refined and coarse masks share them."""
     h, w = gt.shape
     gt_u8 = gt.astype(np.uint8)
-    correct = pred == gt
-    accs = []
+    bands = []
     for r in mba_radii(h, w):
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
         band = (cv2.dilate(gt_u8, kernel) - cv2.erode(gt_u8, kernel)) > 0
-        n = np.count_nonzero(band)
-        if n == 0:
-            return math.nan
-        accs.append(np.count_nonzero(correct & band) / n)
-    return sum(accs) / MBA_STEPS
+        if not band.any():
+            return None
+        bands.append(band)
+    return bands
+
+
+def _boundary_accuracy(pred, gt, bands=None):
+    bands = boundary_bands(gt) if bands is None else bands
+    if bands is None:
+        return math.nan
+    correct = pred == gt
+    return sum(np.count_nonzero(correct & b) / np.count_nonzero(b) for b in bands) / MBA_STEPS
 
 
 def boundary_accuracy(pred, gt):
@@ -125,11 +133,12 @@ class RefinementMetrics:
                                  + (f" ({name})" if name else ""))
             masks[key] = m
         row = {"name": name}
+        bands = boundary_bands(gt_b)
         for key, m in masks.items():  # validated first, so a bad image leaves the totals untouched
             inter, union = int(np.count_nonzero(m & gt_b)), int(np.count_nonzero(m | gt_b))
             self._iu[key][0] += inter
             self._iu[key][1] += union
-            ba = _boundary_accuracy(m, gt_b)
+            ba = _boundary_accuracy(m, gt_b, bands) if bands is not None else math.nan
             if not math.isnan(ba):
                 self._ba[key].append(ba)
             prefix = "" if key == "refined" else "coarse_"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from crm_d2 import kernels
-from crm_d2.model import CRM, CRMConfig, make_coord
+from crm_d2.model import make_coord
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

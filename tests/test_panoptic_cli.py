@@ -89,8 +89,12 @@ def test_panoptic_end_to_end_and_resume(dataset, tmp_path, capsys, monkeypatch):
     assert full["n_images"] == 3
     refined = PanopticSet(tmp_path / "full" / "panoptic.json", tmp_path / "full" / "panoptic")
     assert sorted(refined.annotations) == [1, 2, 3]
+    coarse = PanopticSet(d / "pred.json", d / "pred")
+    changed = 0
     for ann in refined:
-        refined.read_ids(ann)  # PNG and JSON agree (raises otherwise)
+        ids = refined.read_ids(ann)  # PNG and JSON agree (raises otherwise)
+        changed += int(np.count_nonzero(ids != coarse.read_ids(coarse.annotations[ann["image_id"]])))
+    assert changed > 0  # the refiner's output reached the written maps
     assert json.loads((tmp_path / "full" / "pq.json").read_text()) == full
 
     # A run killed after the first image, then resumed: same final numbers, finished images not redone.

@@ -208,9 +208,9 @@ def run(args):
     items, categories = load_sample(args.sample, args.long_side, args.limit)
     if args.regions == "person":
         categories = {**categories, PERSON["id"]: PERSON}
-    settings = json.loads(json.dumps({"demo": True, "sample": str(Path(args.sample).resolve()),
-                                      "long_side": args.long_side, "factor": args.factor, "regions": args.regions,
-                                      "weights": str(args.weights), "options": vars(options)}))
+    settings = {"demo": True, "sample": str(Path(args.sample).resolve()), "long_side": args.long_side,
+                "factor": args.factor, "regions": args.regions, "weights": str(args.weights), "fast": args.fast,
+                "options": vars(options)}
     check_run_settings(out, settings)
     print(f"demo: {len(items)} sample images, coarse masks from a simulated 1/{args.factor} segmenter, "
           f"refining with weights {args.weights!r} -> {out}", file=sys.stderr)

@@ -130,9 +130,8 @@ def run(args):
     class_agnostic = args.entity or args.gt_dir is not None
     by_image, images = group_results(results, gt, args.pred_json)
     out = Path(args.output)
-    settings = json.loads(json.dumps({"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights),
-                                      "non_overlapping": args.non_overlapping, "score_thresh": args.score_thresh,
-                                      "options": vars(options)}))
+    settings = {"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights), "fast": args.fast,
+                "non_overlapping": args.non_overlapping, "score_thresh": args.score_thresh, "options": vars(options)}
     check_run_settings(out, settings)
     refiner = build_refiner(args)
 

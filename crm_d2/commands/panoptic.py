@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from crm_d2.io import read_image, write_json
+from crm_d2.io import IMAGE_EXTS, read_image, write_json
 from crm_d2.panoptic.coco import PanopticSet, read_panoptic_sidecar, write_panoptic_image, write_panoptic_json
 from crm_d2.panoptic.merge import MERGE_RULES
 from crm_d2.panoptic.refine import TARGETS, SegmentRefineOptions, refine_panoptic
@@ -20,7 +20,6 @@ from .common import add_model_arguments, build_refiner
 NAME = "panoptic"
 HELP = "refine a COCO panoptic prediction with CRM; PQ/SQ/RQ with and without CRM"
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 # ----------------------------------------------------------------------------------------- shared with instances/demo
@@ -52,6 +51,7 @@ def options_from_args(args):
 
 def check_run_settings(out_dir, settings):
     """Record the settings of a run in OUT/run.json; refuse to resume into OUT under different settings."""
+    settings = json.loads(json.dumps(settings))  # as they read back from run.json (tuples become lists)
     path = Path(out_dir) / "run.json"
     if path.is_file():
         with open(path) as f:
@@ -193,8 +193,7 @@ def run(args):
     pred = PanopticSet(args.pred_json, args.pred_dir)
     gt = PanopticSet(args.gt_json, args.gt_dir) if args.gt_json else None
     settings = {"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights),
-                "options": vars(options)}
-    settings = json.loads(json.dumps(settings))
+                "fast": args.fast, "options": vars(options)}
     check_run_settings(args.output, settings)
     refiner = build_refiner(args)
     refined = refine_panoptic_set(refiner, args.images, pred, args.output, options, gt=gt, limit=args.limit)

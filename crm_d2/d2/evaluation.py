@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 from collections import OrderedDict
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -25,7 +26,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, SemSegEvaluator
 from detectron2.utils import comm
 
-from crm_d2.io import write_json
+from crm_d2.io import atomic_write, write_json
 from crm_d2.panoptic.coco import check_segments, id2rgb
 from crm_d2.panoptic.instances_eval import (
     AP_KEYS,
@@ -52,14 +53,6 @@ def _gather(items):
     if not comm.is_main_process():
         return None
     return list(itertools.chain(*parts))
-
-
-def _write_bytes(path, data):
-    """Atomic write, so a killed evaluation never leaves a half PNG next to the JSON."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 class CRMPanopticEvaluator(DatasetEvaluator):
@@ -138,9 +131,9 @@ class CRMPanopticEvaluator(DatasetEvaluator):
 
     def _write_and_score(self, predictions, out_dir):
         png_dir = os.path.join(out_dir, "predictions")
-        os.makedirs(png_dir, exist_ok=True)
-        for p in predictions:
-            _write_bytes(os.path.join(png_dir, p["file_name"]), p.pop("png"))
+        for p in predictions:  # atomic, so a killed evaluation never leaves a half PNG next to the JSON
+            data = p.pop("png")
+            atomic_write(os.path.join(png_dir, p["file_name"]), lambda tmp: Path(tmp).write_bytes(data), ".png")
         gt_json = self._metadata.panoptic_json
         with open(gt_json) as f:
             gt = json.load(f)

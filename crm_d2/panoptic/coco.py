@@ -215,7 +215,7 @@ def write_panoptic_image(png_dir, file_name, image_id, ids, segments_info, sidec
                    bbox=mask_bbox(ids == seg["id"]))
         seg.setdefault("iscrowd", 0)
         kept.append(seg)
-    check_segments(ids, kept, where=str(png_path))
+    check_areas(areas, kept, where=str(png_path))  # the map was counted above
     write_png(png_path, id2rgb(ids), rgb=True)
     ann = {"image_id": image_id, "file_name": file_name, "segments_info": kept}
     if sidecar:
