@@ -14,7 +14,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from crm_d2.io import read_image, write_json
-from crm_d2.panoptic.instances_eval import encode_mask, entity_gt_from_panoptic, evaluate_masks, format_ap_table
+from crm_d2.panoptic.instances_eval import (encode_mask, entity_gt_from_panoptic, evaluate_masks, format_ap_table,
+                                            rle_bytes)
 from crm_d2.panoptic.refine import refine_instances
 
 from .common import build_refiner
@@ -102,9 +103,7 @@ def decode(result, height, width, where):
     if not isinstance(seg, dict) or list(seg.get("size", [])) != [height, width]:
         raise ValueError(f"{where}: segmentation must be an RLE of size [{height}, {width}] "
                          f"(the image), got {seg.get('size') if isinstance(seg, dict) else type(seg).__name__}")
-    if isinstance(seg["counts"], str):
-        seg = dict(seg, counts=seg["counts"].encode("ascii"))
-    return mask_utils.decode(seg).astype(bool)
+    return mask_utils.decode(rle_bytes(seg)).astype(bool)
 
 
 def refine_image(refiner, image, results, idx, options, non_overlapping, score_thresh, where):

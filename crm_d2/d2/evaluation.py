@@ -10,7 +10,6 @@
 Like Detectron2's evaluators, predictions are gathered to the main process with detectron2.utils.comm.
 """
 import itertools
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, SemSegEva
 from detectron2.utils import comm
 
 from crm_d2.io import atomic_write, write_json
-from crm_d2.panoptic.coco import check_segments, id2rgb
+from crm_d2.panoptic.coco import PanopticSet, check_segments, id2rgb, write_panoptic_json
 from crm_d2.panoptic.instances_eval import (
     AP_KEYS,
     ENTITY_CATEGORY,
@@ -134,14 +133,11 @@ class CRMPanopticEvaluator(DatasetEvaluator):
         for p in predictions:  # atomic, so a killed evaluation never leaves a half PNG next to the JSON
             data = p.pop("png")
             atomic_write(os.path.join(png_dir, p["file_name"]), lambda tmp: Path(tmp).write_bytes(data), ".png")
-        gt_json = self._metadata.panoptic_json
-        with open(gt_json) as f:
-            gt = json.load(f)
+        gt = PanopticSet(self._metadata.panoptic_json, self._metadata.panoptic_root)  # read once, scored below
         pred_json = os.path.join(out_dir, "predictions.json")
-        write_json(pred_json, {"images": gt.get("images", []), "categories": gt.get("categories", []),
-                               "annotations": predictions})
+        write_panoptic_json(pred_json, predictions, gt.data.get("categories", []), images=gt.data.get("images", []))
         logger.info(f"panoptic predictions of {self._name} written to {pred_json} and {png_dir}")
-        res = pq_compute(gt_json, self._metadata.panoptic_root, pred_json, png_dir)
+        res = pq_compute(gt, None, pred_json, png_dir)
         logger.info(f"Panoptic evaluation of {self._name}:\n" + format_pq_table({self._name: res}))
         metrics = OrderedDict()
         for suffix, group in (("", "all"), ("_th", "things"), ("_st", "stuff")):

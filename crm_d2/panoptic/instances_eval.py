@@ -19,7 +19,7 @@ from pycocotools.cocoeval import COCOeval
 from .coco import PanopticSet, mask_bbox, segments_to_masks
 
 __all__ = ["AP_KEYS", "encode_mask", "encode_results", "entity_gt_from_panoptic", "evaluate_masks",
-           "format_ap_table"]
+           "format_ap_table", "rle_bytes"]
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 ENTITY_CATEGORY = {"id": 1, "name": "entity", "supercategory": "entity"}
@@ -29,6 +29,13 @@ def encode_mask(mask):
     """HxW bool mask -> COCO RLE dict with a str `counts` (JSON-serialisable)."""
     rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def rle_bytes(rle):
+    """An RLE dict as pycocotools wants it: `counts` as bytes (JSON gives str, as `encode_mask` writes it)."""
+    if isinstance(rle.get("counts"), str):
+        return dict(rle, counts=rle["counts"].encode("ascii"))
     return rle
 
 
@@ -115,8 +122,7 @@ def evaluate_masks(gt, results, class_agnostic=False, max_dets=100, quiet=True):
     _check_results(coco, results, class_agnostic)
     results = [dict(r) for r in results]
     for r in results:
-        if isinstance(r["segmentation"].get("counts"), str):
-            r["segmentation"] = dict(r["segmentation"], counts=r["segmentation"]["counts"].encode("ascii"))
+        r["segmentation"] = rle_bytes(r["segmentation"])
     if class_agnostic:
         data = dict(coco.dataset, categories=[dict(ENTITY_CATEGORY)],
                     annotations=[dict(a, category_id=1) for a in coco.dataset["annotations"]])
