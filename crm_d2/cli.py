@@ -1,21 +1,37 @@
 """`crm-d2` command line: one entry point, one module per subcommand in `crm_d2.commands`.
 
-Each command module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`.
+Each command module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int` (and may define
+`USAGE`, its usage line).
 """
 import argparse
 import importlib
 import sys
 
+from crm_d2 import __version__
+
 # Order is the order shown by `crm-d2 --help`.
 COMMANDS = ["demo", "refine", "eval", "panoptic", "instances", "pq", "train"]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, unless it is None or False or the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="crm-d2", description="Continuous Refinement Model toolkit")
+    parser.add_argument("--version", action="version", version=f"crm-d2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"crm_d2.commands.{name}")
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP, usage=getattr(module, "USAGE", None),
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -31,11 +31,17 @@ def read_image(path):
     return cv2.cvtColor(imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def read_mask(path):
-    """Read a single-channel mask as HxW uint8 (colour files are converted to grey)."""
+def read_mask(path, colour="grey"):
+    """Read a single-channel mask as HxW uint8. A grey mask stored as RGB is taken as it is; a colour file is
+    converted to grey (colour="grey"), or refused (colour="refuse": a mask handed to refine, which must not guess,
+    as the Refiner API refuses an HxWx3 mask)."""
     m = imread(path, cv2.IMREAD_UNCHANGED, "mask")
     if m.ndim == 3:
-        m = cv2.cvtColor(m[..., :3], cv2.COLOR_BGR2GRAY)
+        rgb = m[..., :3]
+        if colour == "refuse" and not (rgb == rgb[..., :1]).all():
+            raise ValueError(f"mask {path} is a colour image (its channels differ): pass a single-channel mask "
+                             "(grey PNG, 0/255 or 0..255)")
+        m = cv2.cvtColor(rgb, cv2.COLOR_BGR2GRAY)
     if m.dtype == np.uint16:
         m = (m >> 8).astype(np.uint8)
     return m
@@ -70,6 +76,32 @@ def write_png(path, array, rgb=True):
     atomic_write(path, write, ".png")
 
 
+MASK_EXTS = (".png", ".bmp", ".tif", ".tiff")  # lossless: a mask's edges survive the file
+
+
+def check_mask_path(path):
+    """Refuse a mask file name whose format would change the mask (JPEG, WebP) or that names no format."""
+    suffix = Path(path).suffix.lower()
+    if suffix in MASK_EXTS:
+        return
+    if suffix in (".jpg", ".jpeg", ".webp", ".jp2"):
+        raise ValueError(f"{path}: {suffix[1:].upper()} is lossy and would blur the mask's edges; masks are written "
+                         f"as {', '.join(e[1:].upper() for e in MASK_EXTS)}: use {Path(path).with_suffix('.png')}")
+    raise ValueError(f"{path}: a mask file name must end in {', '.join(MASK_EXTS)}")
+
+
+def write_mask(path, array):
+    """Atomically write a uint8 HxW mask in the (lossless) format its extension names."""
+    check_mask_path(path)
+    array = np.ascontiguousarray(array)
+
+    def write(tmp):
+        if not cv2.imwrite(tmp, array):
+            raise ValueError(f"could not encode mask {path}")
+
+    atomic_write(path, write, Path(path).suffix)
+
+
 def write_image(path, array_rgb):
     """Atomically write an RGB picture; the format follows the file extension."""
     suffix = Path(path).suffix or ".png"
@@ -90,10 +122,12 @@ def write_json(path, obj):
     atomic_write(path, write, ".json")
 
 
-def list_big(folder):
+def list_big(folder, skipped=None):
     """Names of BIG-layout triplets (NAME_im.jpg, NAME_seg.png, NAME_gt.png) in a folder.
 
-    Returns a sorted list of dicts with keys name, image, seg, gt (gt may be None when absent).
+    Returns a sorted list of dicts with keys name, image, seg, gt (gt may be None when absent). Images without a
+    NAME_seg.png cannot be refined or evaluated and are left out; pass a list as `skipped` to be told which
+    (file name, reason), so that they are not left out without a word.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -111,6 +145,12 @@ def list_big(folder):
             raise FileNotFoundError(f"{seg.name} has no image {name}_im.jpg in {folder}")
         gt = folder / f"{name}_gt.png"
         items.append({"name": name, "image": image, "seg": seg, "gt": gt if gt.exists() else None})
+    if skipped is not None:
+        names = {it["name"] for it in items}
+        for image in sorted(p for ext in (".jpg", ".jpeg", ".png") for p in folder.glob(f"*_im{ext}")):
+            name = image.name[: image.name.rindex("_im")]
+            if name not in names:
+                skipped.append((image.name, f"no coarse mask {name}_seg.png"))
     if not items:
         raise FileNotFoundError(f"no BIG-layout triplets (NAME_im.jpg, NAME_seg.png) in {folder}")
     return items

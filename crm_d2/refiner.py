@@ -429,6 +429,8 @@ def band_cells(prev, radius, unsettled, cell=8):
 # ----------------------------------------------------------------------------------------------- input checks
 def to_rgb_array(image, bgr=False):
     """Validate an image and return it as contiguous HxWx3 uint8 RGB."""
+    if image is None:
+        raise ValueError("image is None (did cv2.imread fail?)")
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     image = np.asarray(image)
@@ -449,6 +451,8 @@ def to_rgb_array(image, bgr=False):
 
 def to_mask_array(mask, shape=None):
     """Validate one mask and return it as HxW float32 in [0, 1]."""
+    if mask is None:
+        raise ValueError("mask is None (did cv2.imread fail?)")
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
     mask = np.asarray(mask)

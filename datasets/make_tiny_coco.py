@@ -18,6 +18,7 @@ import numpy as np
 from pycocotools import mask as mask_util
 
 from crm_d2.io import write_image, write_json, write_png
+from crm_d2.optional import require_detectron2
 from crm_d2.panoptic.coco import id2rgb, mask_bbox
 
 # COCO ids: things person, car, dog; stuff sky-other-merged, grass-merged.
@@ -107,6 +108,7 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    require_detectron2("datasets/make_tiny_coco.py")  # for its COCO category table
     paths = make_tiny_coco(args.root, args.images, args.seed)
     print(f"wrote {args.images} synthetic images: {paths['panoptic_json']}, {paths['instances_json']}")
     return 0

@@ -62,7 +62,7 @@ def test_demo_runs_on_the_sample(tiny_ckpt, tmp_path, capsys):
     assert len(refined) == 1
     for ann in refined:
         refined.read_ids(ann)
-    assert len(list((out / "overlays").glob("*.jpg"))) == 1
+    assert len(list((out / "overlays").glob("*.png"))) == 1 and not list((out / "overlays").glob("*.jpg"))
     pq = json.loads((out / "pq.json").read_text())
     assert set(pq) >= {"without_crm", "with_crm", "difference", "n_images"}
     assert cli.main(args + ["--json"]) == 0  # rerun: resumes, same numbers

@@ -237,6 +237,17 @@ def test_validation_reports_iou_and_mba(tmp_path):
     assert rows[-1]["val/n"] == 2 and rows[-1]["val/full"] is True
 
 
+def test_final_validation_keeps_to_max_items(tmp_path):
+    """val.max_items caps every validation, the one at max_iter too (it used to read the whole set)."""
+    write_big_folder(tmp_path / "big", 4, size=(48, 64), seed=5)
+    cfg = tiny_cfg(tmp_path / "run", f"data.val=[{{type: big, root: {tmp_path / 'big'}}}]", "solver.max_iter=2",
+                   "val.period=0", "val.max_items=2")
+    summary = Trainer(cfg, device="cpu").train()
+    assert summary["n"] == 2
+    rows = _rows(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["val/n"] == 2 and rows[-1]["val/full"] is True
+
+
 def test_imagenet_init_zeroes_the_mask_channel(tmp_path):
     donor = CRM(CRMConfig.preset("tiny")).feats.state_dict()
     state = {k: v.clone() for k, v in donor.items()}

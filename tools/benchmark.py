@@ -94,7 +94,7 @@ def child(cfg, extra=()):
     if cfg.get("photo"):
         cmd += ["--photo", cfg["photo"]]
     if cfg.get("scales"):
-        cmd += ["--scales"] + [str(s) for s in cfg["scales"]]
+        cmd += ["--scales"] + ([cfg["scales"]] if isinstance(cfg["scales"], str) else [str(s) for s in cfg["scales"]])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -124,6 +124,8 @@ def markdown(results):
 
 
 def main():
+    from crm_d2.commands.common import add_scales_argument
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--modes", nargs="+", default=["exact", "fast"], choices=["exact", "fast", "amp", "reference"],
@@ -135,7 +137,7 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-mb", type=int, default=512)
-    p.add_argument("--scales", type=float, nargs="+", default=None, help="default: the checkpoint's, else released")
+    add_scales_argument(p)
     p.add_argument("--photos", help="folder with images/ and masks/ (same stems): upscaled real photos as inputs")
     p.add_argument("--photo-count", type=int, default=3, help="photos taken evenly from --photos")
     p.add_argument("--json", help="write all results to this JSON file")

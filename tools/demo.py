@@ -4,7 +4,8 @@
     python tools/demo.py --config-file configs/PanopticFPN-R50-CRM.yaml --input a.jpg b.jpg --output vis/ \
         --opts MODEL.WEIGHTS base.pkl MODEL.CRM.WEIGHTS crm.pth
 
-One forward per image; writes <output>/<image stem>.jpg (left: base model, right: CRM-refined).
+One forward per image; writes <output>/<image stem>.png (left: base model, right: CRM-refined; PNG, so that the
+boundaries being compared are not blurred by JPEG).
 """
 import argparse
 import glob
@@ -13,6 +14,10 @@ import os
 import numpy as np
 import torch
 import tqdm
+
+from crm_d2.optional import require_detectron2
+
+require_detectron2("tools/demo.py")
 
 import detectron2.data.transforms as T
 from detectron2.checkpoint import DetectionCheckpointer
@@ -78,7 +83,7 @@ def main(argv=None):
             refined = model([inp])[0]
         base = refined.pop(BASE_OUTPUTS_KEY, refined)
         picture = np.concatenate([draw(rgb, base, metadata), draw(rgb, refined, metadata)], axis=1)
-        write_image(os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".jpg"), picture)
+        write_image(os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png"), picture)
     print(f"{len(paths)} picture(s) in {args.output} (left: base model, right: with CRM)")
     return 0
 

@@ -11,6 +11,10 @@ Training (without --eval-only) trains the base model as its own project does; CR
 """
 import os
 
+from crm_d2.optional import require_detectron2
+
+require_detectron2("tools/train_net.py")
+
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch

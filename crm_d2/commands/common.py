@@ -1,10 +1,20 @@
-"""The model options every refining command shares, and the one place that turns them into a Refiner."""
+"""What every refining command shares: the model options, `--scales`, the run-settings record, and the one place
+that turns the options into a Refiner."""
+import argparse
+import json
+from pathlib import Path
+
+from ..io import write_json
+
+SCALES_HELP = "list of scales, or 'auto' (default: the model's own schedule)"
 
 
 def add_model_arguments(parser, weights_default="demo"):
     """--weights, --device, --memory-budget-mb, --fast (weights_default None makes --weights required)."""
+    what = ("'demo' (the small model shipped with crm_d2), or the path of a crm_d2 checkpoint or of the authors' "
+            "released file (model_45705: README, 'Weights')")
     parser.add_argument("--weights", default=weights_default, required=weights_default is None,
-                        help="CRM weights: 'demo', a crm_d2 checkpoint or the authors' released state_dict")
+                        help=f"CRM weights: {what}")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     parser.add_argument("--memory-budget-mb", type=int, default=512,
                         help="decoder memory per step; the encoder runs in row tiles above 4x this")
@@ -13,8 +23,60 @@ def add_model_arguments(parser, weights_default="demo"):
                              "docs/benchmark.md)")
 
 
+class ScalesAction(argparse.Action):
+    """`--scales 0.25 0.5 1` -> [0.25, 0.5, 1.0]; `--scales auto` -> "auto" (the two forms Refiner takes)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if "auto" in values:
+            if len(values) > 1:
+                raise argparse.ArgumentError(self, f"'auto' stands alone, got {' '.join(values)}")
+            setattr(namespace, self.dest, "auto")
+            return
+        try:
+            setattr(namespace, self.dest, [float(v) for v in values])
+        except ValueError:
+            raise argparse.ArgumentError(self, f"expected numbers or 'auto', got {' '.join(values)}") from None
+
+
+def add_scales_argument(parser):
+    parser.add_argument("--scales", nargs="+", action=ScalesAction, default=None, metavar="S", help=SCALES_HELP)
+
+
 def build_refiner(args):
     from ..refiner import Refiner
 
     return Refiner(weights=args.weights, device=args.device, scales=getattr(args, "scales", None),
                    memory_budget=args.memory_budget_mb << 20, mode="fast" if getattr(args, "fast", False) else "exact")
+
+
+def _changes(old, new, prefix=""):
+    """'key old -> new' for every setting that differs (nested dicts by their dotted keys)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k} {a!r} -> {b!r}")
+    return out
+
+
+def check_run_settings(out_dir, settings, replace=False, redo_flag=None):
+    """Record the settings of a run in OUT/run.json; refuse to resume into OUT under different settings, so that
+    a resumed run never mixes two configurations. `replace`: the caller redoes everything, record the new ones.
+    `redo_flag`: the option that redoes the run (named in the refusal)."""
+    settings = json.loads(json.dumps(settings))  # as they read back from run.json (tuples become lists)
+    path = Path(out_dir) / "run.json"
+    if path.is_file() and not replace:
+        with open(path) as f:
+            old = json.load(f)
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            redo = f"rerun with {redo_flag} to redo it with these settings, or use another -o" if redo_flag else \
+                f"use another -o or delete {path}"
+            raise ValueError(f"{out_dir} holds a run with other settings ({', '.join(diff)} differ: "
+                             f"{'; '.join(_changes(old, settings))}); {redo}")
+    else:
+        write_json(path, settings)

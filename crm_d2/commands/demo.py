@@ -5,7 +5,7 @@ ground truth (one segment per label region; background, hair and skin are stuff,
 "predictions" are made as a low-resolution segmenter would: every segment's mask is averaged down by `--factor`,
 disturbed a little (seeded noise, a small shift) and upsampled bilinearly; the arg-max gives the coarse id map.
 The demo model refines them; the PQ table (without / with CRM) is printed, and the refined COCO panoptic
-JSON/PNGs plus side-by-side pictures (coarse | CRM | ground truth) are written to the output folder.
+JSON/PNGs plus side-by-side PNG pictures (coarse | CRM | ground truth) are written to the output folder.
 """
 import json
 import sys
@@ -17,10 +17,10 @@ import numpy as np
 
 from crm_d2.io import read_image, read_mask, write_image, write_png
 from crm_d2.panoptic.coco import PanopticSet, write_panoptic_image, write_panoptic_json
+from crm_d2.pictures import side_by_side
 
-from .common import build_refiner
-from .panoptic import (add_refine_arguments, check_run_settings, evaluate, options_from_args,
-                       refine_panoptic_set, report)
+from .common import build_refiner, check_run_settings
+from .panoptic import add_refine_arguments, evaluate, options_from_args, refine_panoptic_set, report
 
 NAME = "demo"
 HELP = "run panoptic refinement + PQ on the shipped sample (CPU, no download)"
@@ -38,7 +38,8 @@ def add_arguments(parser):
                         help="segments: every CCP region (hair, skin, each garment; default), or the person "
                              "silhouette + background (what a refiner trained on whole objects knows best)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    parser.add_argument("--no-overlays", action="store_true", help="skip the side-by-side pictures")
+    parser.add_argument("--no-overlays", action="store_true",
+                        help="skip the side-by-side pictures (OUT/overlays/*.png: coarse | CRM | ground truth)")
     add_refine_arguments(parser, weights_default="demo")
 
 
@@ -147,38 +148,6 @@ def build_dataset(items, categories, out_dir, factor, regions="parts"):
 
 
 # ----------------------------------------------------------------------------------------- pictures
-def _colour(category_id):
-    rng = np.random.default_rng(category_id * 7919 + 1)
-    return rng.integers(40, 256, 3).astype(np.float32)
-
-
-def overlay(image, ids, segments, alpha=0.55):
-    """Image with each segment tinted by its category colour and its boundary drawn in white."""
-    out = image.astype(np.float32)
-    for s in segments:
-        m = ids == s["id"]
-        out[m] = (1 - alpha) * out[m] + alpha * _colour(s["category_id"])
-    edge = np.zeros(ids.shape, bool)
-    edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
-    edge[1:, :] |= ids[1:, :] != ids[:-1, :]
-    out[edge] = 255
-    return out.astype(np.uint8)
-
-
-def side_by_side(image, panels):
-    """[(title, id map, segments)] -> one RGB picture, panels left to right with their titles."""
-    tiles = []
-    for title, ids, segs in panels:
-        tile = overlay(image, ids, segs)
-        scale = max(0.5, image.shape[1] / 500)
-        cv2.putText(tile, title, (8, int(28 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 4, cv2.LINE_AA)
-        cv2.putText(tile, title, (8, int(28 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
-                    cv2.LINE_AA)
-        tiles.append(tile)
-        tiles.append(np.full((image.shape[0], 4, 3), 255, np.uint8))
-    return np.concatenate(tiles[:-1], axis=1)
-
-
 def write_overlays(out_dir, images_dir, gt, coarse, refined):
     out_dir = Path(out_dir)
     paths = []
@@ -189,7 +158,7 @@ def write_overlays(out_dir, images_dir, gt, coarse, refined):
         panels = [("coarse", coarse.read_ids(c_ann), c_ann["segments_info"]),
                   ("CRM", refined.read_ids(ann), ann["segments_info"]),
                   ("ground truth", gt.read_ids(g_ann), g_ann["segments_info"])]
-        path = out_dir / "overlays" / f"{name}.jpg"
+        path = out_dir / "overlays" / f"{name}.png"
         write_image(path, side_by_side(image, panels))
         paths.append(path)
     return paths

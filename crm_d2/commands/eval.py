@@ -1,6 +1,7 @@
 """`crm-d2 eval`: IoU and mBA of coarse and refined masks on a BIG-layout folder."""
 import json
 import math
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -19,7 +20,10 @@ def add_arguments(parser):
 
 
 def run(args):
-    items = [it for it in list_big(args.big_dir) if it["gt"] is not None]
+    skipped = []
+    items = [it for it in list_big(args.big_dir, skipped=skipped) if it["gt"] is not None]
+    for name, why in skipped:
+        print(f"skipped {name}: {why}", file=sys.stderr)
     if not items:
         raise FileNotFoundError(f"no NAME_gt.png ground truth in {args.big_dir}")
     missing = [it["name"] for it in items if not (Path(args.pred_dir) / f"{it['name']}.png").exists()]

@@ -18,8 +18,8 @@ from crm_d2.panoptic.instances_eval import (encode_mask, entity_gt_from_panoptic
                                             rle_bytes)
 from crm_d2.panoptic.refine import refine_instances
 
-from .common import build_refiner
-from .panoptic import add_refine_arguments, check_run_settings, find_image, options_from_args
+from .common import build_refiner, check_run_settings
+from .panoptic import add_refine_arguments, find_image, options_from_args
 
 NAME = "instances"
 HELP = "refine instance/entity masks (COCO results JSON) with CRM; mask AP with and without CRM"
@@ -40,7 +40,7 @@ def add_arguments(parser):
                         help="refine only results scoring at least this (the rest are kept as they are)")
     parser.add_argument("-o", "--output", required=True, help="output folder (resumable)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    add_refine_arguments(parser)
+    add_refine_arguments(parser, instances=True)
 
 
 def load_results(path):
@@ -131,8 +131,8 @@ def run(args):
     out = Path(args.output)
     settings = {"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights), "fast": args.fast,
                 "non_overlapping": args.non_overlapping, "score_thresh": args.score_thresh, "options": vars(options)}
+    refiner = build_refiner(args)  # first: a mistyped --weights must not be recorded as the run's settings
     check_run_settings(out, settings)
-    refiner = build_refiner(args)
 
     from tqdm import tqdm
 

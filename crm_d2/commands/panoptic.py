@@ -15,53 +15,52 @@ from crm_d2.panoptic.coco import PanopticSet, read_panoptic_sidecar, write_panop
 from crm_d2.panoptic.merge import MERGE_RULES
 from crm_d2.panoptic.refine import TARGETS, SegmentRefineOptions, refine_panoptic
 
-from .common import add_model_arguments, build_refiner
+from .common import add_model_arguments, add_scales_argument, build_refiner, check_run_settings
 
 NAME = "panoptic"
 HELP = "refine a COCO panoptic prediction with CRM; PQ/SQ/RQ with and without CRM"
 
 
-
 # ----------------------------------------------------------------------------------------- shared with instances/demo
-def add_refine_arguments(parser, weights_default=None):
-    """Options shared by the panoptic, instances and demo commands."""
+MERGE_HELP = ("how overlaps and gaps between refined segments are settled: hybrid: things over stuff, then the "
+              "higher refined probability; paste: the base model's order (things by score, then stuff); prob: the "
+              "higher probability, things and stuff alike; -void / -nearest: pixels no refined segment claims become "
+              "void / go to the nearest segment instead of keeping their original one (docs/panoptic.md)")
+# Instances are all things, so "prob" is "hybrid" there and --targets does not apply.
+INSTANCE_MERGE_RULES = tuple(r for r in MERGE_RULES if not r.startswith("prob"))
+INSTANCE_MERGE_HELP = ("with --non-overlapping only (otherwise every mask is refined on its own and may overlap "
+                       "the others): where refined masks overlap, hybrid: the higher refined probability wins; "
+                       "paste: the higher score wins; -void / -nearest: pixels no refined mask claims become "
+                       "background / go to the nearest mask instead of staying with their original mask")
+
+
+def add_refine_arguments(parser, weights_default=None, instances=False):
+    """Options shared by the panoptic, instances and demo commands (`instances`: only those that apply there)."""
     d = SegmentRefineOptions()
     g = parser.add_argument_group("refinement")
     add_model_arguments(g, weights_default)
-    g.add_argument("--targets", choices=TARGETS, default=d.targets, help="which segments to refine")
+    if not instances:
+        g.add_argument("--targets", choices=TARGETS, default=d.targets,
+                       help="which segments to refine: things, stuff or both")
     g.add_argument("--min-area", type=int, default=d.min_area, help="segments smaller than this keep their mask")
     g.add_argument("--margin", type=float, default=d.margin, help="ROI context, fraction of the segment box")
     g.add_argument("--max-side", type=int, default=d.max_side,
                    help="cap on the encoder input long side per ROI (0 = no cap)")
-    g.add_argument("--scales", type=float, nargs="+", default=None, help="refinement scales (default: model's)")
+    add_scales_argument(g)
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="segments refined per call")
     g.add_argument("--band", type=float, default=d.band,
                    help="changes allowed only this close to a segment's coarse boundary, fraction of the long "
                         "side (0 = no limit)")
-    g.add_argument("--merge", choices=MERGE_RULES, default=d.merge, help="overlap/gap rule (docs/panoptic.md)")
+    g.add_argument("--merge", choices=INSTANCE_MERGE_RULES if instances else MERGE_RULES, default=d.merge,
+                   help=INSTANCE_MERGE_HELP if instances else MERGE_HELP)
     g.add_argument("--limit", type=int, default=None, help="only the first N images (quick looks)")
 
 
 def options_from_args(args):
-    return SegmentRefineOptions(targets=args.targets, min_area=args.min_area, margin=args.margin,
-                                max_side=args.max_side or None, scales=args.scales, batch_size=args.batch_size,
-                                merge=args.merge, band=args.band or None)
-
-
-
-def check_run_settings(out_dir, settings):
-    """Record the settings of a run in OUT/run.json; refuse to resume into OUT under different settings."""
-    settings = json.loads(json.dumps(settings))  # as they read back from run.json (tuples become lists)
-    path = Path(out_dir) / "run.json"
-    if path.is_file():
-        with open(path) as f:
-            old = json.load(f)
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ValueError(f"{out_dir} holds a run with other settings ({', '.join(diff)} differ: "
-                             f"{ {k: old.get(k) for k in diff} }); use another -o or delete {path}")
-    else:
-        write_json(path, settings)
+    return SegmentRefineOptions(targets=getattr(args, "targets", SegmentRefineOptions.targets),
+                                min_area=args.min_area, margin=args.margin, max_side=args.max_side or None,
+                                scales=args.scales, batch_size=args.batch_size, merge=args.merge,
+                                band=args.band or None)
 
 
 def find_image(images_dir, image_id, file_names):
@@ -194,8 +193,8 @@ def run(args):
     gt = PanopticSet(args.gt_json, args.gt_dir) if args.gt_json else None
     settings = {"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights),
                 "fast": args.fast, "options": vars(options)}
+    refiner = build_refiner(args)  # first: a mistyped --weights must not be recorded as the run's settings
     check_run_settings(args.output, settings)
-    refiner = build_refiner(args)
     refined = refine_panoptic_set(refiner, args.images, pred, args.output, options, gt=gt, limit=args.limit)
     print(f"refined panoptic predictions: {Path(args.output) / 'panoptic.json'}", file=sys.stderr)
     if gt is None:

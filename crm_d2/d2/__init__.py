@@ -10,10 +10,9 @@ META_ARCH_REGISTRY and evaluators; refinement, merging, PQ and AP live in the fr
 try:
     import detectron2  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "crm_d2.d2 needs detectron2, which is not on PyPI: install it from source, see "
-        "https://detectron2.readthedocs.io/en/latest/tutorials/install.html"
-    ) from exc
+    from crm_d2.optional import DETECTRON2_HINT
+
+    raise ImportError(f"crm_d2.d2 needs detectron2: {DETECTRON2_HINT}") from exc
 
 from . import datasets  # noqa: F401  registers coco_2017_val_panoptic_crm, coco_2017_val_entity_crm
 from .config import BASE_MODELS, add_base_model_configs, add_crm_config, get_crm_cfg

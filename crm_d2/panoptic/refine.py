@@ -5,7 +5,7 @@ capped at `max_side`), batched across the segments of one image; the refined pro
 settled into a non-overlapping result by crm_d2.panoptic.merge. Works on any model's output (no detectron2).
 """
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import cv2
 import numpy as np
@@ -25,8 +25,8 @@ class SegmentRefineOptions:
     targets: "things", "stuff" or "both". min_area: segments smaller than this (pixels) keep their mask (CRM has
     too little to work with and PQ of tiny segments is noise). margin: context around each segment's box, as a
     fraction of the box size on each side (Refiner.refine_batch's `margin`). max_side: encoder input long-side
-    cap per ROI (None = no cap). scales: refinement scales (None = the refiner's). batch_size: segments per
-    refine_batch call (memory: batch_size full-size float maps). merge: rule name from merge.MERGE_RULES.
+    cap per ROI (None = no cap). scales: refinement scales or "auto" (None = the refiner's). batch_size: segments
+    per refine_batch call (memory: batch_size full-size float maps). merge: rule name from merge.MERGE_RULES.
     threshold: refined probability above which a segment claims a pixel. band: refinement may only change pixels
     within this distance of the segment's coarse boundary, as a fraction of the image's long side (None = no
     limit). CRM fixes boundaries; far from them a binary refiner trained on whole objects tends to grow a part
@@ -38,7 +38,7 @@ class SegmentRefineOptions:
     min_area: int = 64
     margin: float = 0.5
     max_side: Optional[int] = 1024
-    scales: Optional[Sequence[float]] = None
+    scales: Optional[Union[str, Sequence[float]]] = None
     batch_size: int = 8
     merge: str = DEFAULT_MERGE
     threshold: float = 0.5
@@ -95,7 +95,7 @@ def refine_segment_probs(refiner, image_rgb, masks, options):
     out = [None] * len(masks)
     kwargs = dict(roi=True, margin=options.margin, max_side=options.max_side, output="prob")
     if options.scales is not None:
-        kwargs["scales"] = tuple(options.scales)
+        kwargs["scales"] = options.scales if isinstance(options.scales, str) else tuple(options.scales)
     for start in range(0, len(todo), options.batch_size):
         chunk = todo[start:start + options.batch_size]
         batch = np.stack([masks[i] for i in chunk]).astype(np.uint8)

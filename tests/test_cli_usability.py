@@ -1,0 +1,123 @@
+"""What a new user trips over (issue 13): help, version, messages, pictures, optional detectron2, --scales auto."""
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crm_d2 import __version__, cli
+from crm_d2.commands.panoptic import options_from_args
+from crm_d2.panoptic.refine import SegmentRefineOptions, refine_segment_probs
+from crm_d2.pictures import side_by_side
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def crm(*args):
+    """The real entry point, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "crm_d2.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_version_and_refine_help():
+    assert crm("--version").stdout.strip() == f"crm-d2 {__version__}"
+    text = crm("refine", "--help").stdout
+    usage = text.split("\n\n")[0]
+    assert "IMAGE MASK -o OUT.png" in usage and "--big-dir DIR -o OUTDIR" in usage and "..." not in usage
+    flat = " ".join(text.split())
+    assert "(default: demo)" in flat and "the authors' released file" in flat  # --weights
+    assert "soft" in flat and "--binary" in flat and "0/255" in flat
+    assert "(default: 512)" in flat and "list of scales, or 'auto' (default: the model's own schedule)" in flat
+
+
+def test_instances_help_offers_only_what_applies(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["instances", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "--targets" not in flat and "prob-void" not in flat and "--merge {hybrid," in flat
+    assert "with --non-overlapping only" in flat and "paste: the higher score wins" in flat
+    with pytest.raises(SystemExit):
+        cli.main(["panoptic", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "--targets {things,stuff,both}" in flat and "prob: the higher probability" in flat
+
+
+def test_scales_auto_reaches_every_refining_command():
+    parser = cli.build_parser()
+    base = ["--images", "i", "--pred-json", "p.json", "--weights", "w", "-o", "o"]
+    for argv in (["panoptic", *base, "--pred-dir", "d"], ["instances", *base, "--gt-json", "g.json"], ["demo"]):
+        args = parser.parse_args(argv + ["--scales", "auto"])
+        assert args.scales == "auto" and options_from_args(args).scales == "auto"
+        assert parser.parse_args(argv + ["--scales", "0.5", "1"]).scales == [0.5, 1.0]
+
+    class Spy:
+        def refine_batch(self, image, masks, **kw):
+            self.kw = kw
+            return np.zeros(masks.shape, np.float32)
+
+    spy = Spy()
+    refine_segment_probs(spy, np.zeros((40, 40, 3), np.uint8), [np.ones((40, 40), bool)],
+                         SegmentRefineOptions(scales="auto"))
+    assert spy.kw["scales"] == "auto"
+
+
+def test_benchmark_passes_auto_scales_to_its_children(monkeypatch):
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "tools" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or
+                        argparse.Namespace(stdout='RESULT {"ok": 1}', stderr=""))
+    cfg = dict(size="1k", mode="exact", device="cpu", weights="demo", runs=1, seed=0, budget_mb=64, scales="auto")
+    assert bench.child(cfg) == {"ok": 1}
+    assert seen[0][seen[0].index("--scales"):] == ["--scales", "auto"]
+
+
+def test_api_says_when_imread_failed():
+    from crm_d2.refiner import Refiner
+
+    refiner = Refiner(None, allow_random=True, config="tiny", device="cpu")
+    image, mask = np.zeros((48, 48, 3), np.uint8), np.zeros((48, 48), np.uint8)
+    with pytest.raises(ValueError, match=r"image is None \(did cv2.imread fail\?\)"):
+        refiner.refine(None, mask)
+    with pytest.raises(ValueError, match=r"mask is None \(did cv2.imread fail\?\)"):
+        refiner.refine(image, None)
+    with pytest.raises(ValueError, match="it has channels"):  # what the CLI's colour-mask refusal agrees with
+        refiner.refine(image, np.zeros((48, 48, 3), np.uint8))
+
+
+def test_authors_checkpoint_name_is_not_a_builtin():
+    from crm_d2.refiner import Refiner
+
+    with pytest.raises(FileNotFoundError, match="only built-in name.*passed by path.*README"):
+        Refiner(weights="model_45705", device="cpu")
+
+
+def test_title_outline_follows_the_text(side_by_side=side_by_side):
+    grey = np.full((60, 400, 3), 128, np.uint8)
+    tile = side_by_side(grey, [("ground truth", np.zeros((60, 400), np.uint8), [])])
+    white = np.flatnonzero((tile.min(2) > 220).any(0))
+    black = np.flatnonzero((tile.max(2) < 30).any(0))
+    # the outline hugs the letters: it ends within a few pixels of where the white text ends
+    assert len(white) and len(black) and abs(int(black[-1]) - int(white[-1])) <= 4
+    assert abs(int(black[0]) - int(white[0])) <= 4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None, reason="detectron2 is installed")
+@pytest.mark.parametrize("script", ["tools/train_net.py", "tools/demo.py", "datasets/make_tiny_coco.py"])
+def test_detectron2_scripts_say_what_is_missing(script, tmp_path):
+    proc = subprocess.run([sys.executable, script, str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"{script} needs detectron2: detectron2 is not installed (it is not on PyPI): " \
+        "README.md, section 'Detectron2 extension', says how to install it"
+    assert "## Detectron2 extension" in (REPO / "README.md").read_text()
+
+
+def test_readme_says_what_the_tools_do():
+    text = " ".join((REPO / "README.md").read_text().split())
+    assert 'Refiner(weights="model_45705")' not in text and "dvlab-research/Entity" in text
+    assert "High-Quality-Segmention" in text and 'Refiner(weights="path/to/model_45705")' in text
+    assert "soft mask" in text and "--binary" in text and "--overlay" in text and "run.json" in text
+    assert "about 90 minutes" in text and "few minutes" in text
