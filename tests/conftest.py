@@ -1,3 +1,9 @@
+"""Shared fixtures. The device under test: `pytest --device cuda` or CRM_D2_TEST_DEVICE=cuda runs every test that
+takes the `device` fixture (the refiner, panoptic/instance refinement, training, the decoder kernel) on CUDA, and
+the tests that compare with the CPU path compare the CUDA result with the CPU one. The default is CPU: nothing is
+skipped, nothing changes. Those tests carry the `device` marker (`pytest -m device` selects them)."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +11,56 @@ import torch
 from crm_d2.model import CRM, CRMConfig
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("CRM_D2_TEST_DEVICE") or "cpu",
+                     help="device for the tests that take the `device` fixture: cpu (default) or cuda[:N] "
+                          "(default from CRM_D2_TEST_DEVICE)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: the test runs on the device under test (--device)")
+    device = config.getoption("--device")
+    if device != "cpu":
+        if not device.startswith("cuda"):
+            raise pytest.UsageError(f"--device must be cpu or cuda[:N], got {device!r}")
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"--device {device}: CUDA is not available (torch {torch.__version__})")
+        # Deterministic cuBLAS (for the resume test's bit-exactness) needs this before the first CUDA call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # Float tolerances assume fp32 arithmetic: TF32 convolutions (PyTorch's default on Ampere and later)
+        # round to 10 mantissa bits. test_refiner's `tf32` case measures what TF32 changes.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+def pytest_report_header(config):
+    device = config.getoption("--device")
+    if device != "cpu":
+        return f"crm_d2 device under test: {device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return "crm_d2 device under test: cpu"
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """"cpu" or "cuda[:N]": where the refiner/training tests run (--device / CRM_D2_TEST_DEVICE)."""
+    return request.config.getoption("--device")
+
+
+@pytest.fixture(scope="session")
+def tol(device):
+    """tol(cpu_atol, scale=1): absolute tolerance for two results computed on the device under test along
+    different paths (batched vs single, tiled vs whole): `cpu_atol` on CPU; on CUDA, where cuDNN picks convolution
+    algorithms per shape and the Triton decoder sums in its own order, 1e-5 of the values' scale, at least
+    `cpu_atol`."""
+    return lambda cpu_atol, scale=1.0: cpu_atol if device == "cpu" else max(cpu_atol, 1e-5 * float(scale))
 
 
 def randomize_model(model, seed=0, mlp_gain=4.0):
@@ -21,6 +77,12 @@ def randomize_model(model, seed=0, mlp_gain=4.0):
         for p in model.imnet.parameters():
             p.mul_(mlp_gain)
     return model.eval()
+
+
+@pytest.fixture(name="randomize_model")
+def randomize_model_fixture():
+    """`randomize_model` for test modules (which cannot import conftest reliably)."""
+    return randomize_model
 
 
 @pytest.fixture

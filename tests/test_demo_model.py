@@ -23,9 +23,9 @@ def test_demo_model_is_small_and_self_describing():
     assert refiner.scales == (1.0,)  # the schedule it was validated with, from the file
 
 
-def test_demo_model_is_trained():
+def test_demo_model_is_trained(device):
     # A trained refiner keeps a decent person mask decent; random weights do not (their output is ~constant).
-    refiner = Refiner("demo", device="cpu")
+    refiner = Refiner("demo", device=device)  # on CUDA: the checkpoint loads onto the GPU
     scores = []
     for name in ("ccp_0003", "ccp_0106"):
         image = read_image(SAMPLE / "images" / f"{name}.jpg")

@@ -1,7 +1,6 @@
 """Segment refinement (crm_d2.panoptic.refine): selection, batching, ROI options, well-formed merged output."""
 import numpy as np
 import pytest
-import torch
 
 from crm_d2.model import CRMConfig
 from crm_d2.panoptic.coco import check_segments
@@ -87,12 +86,29 @@ def test_isthing_from_categories_and_vanishing_segment_removed():
     assert set(np.unique(out[20:40, 36:56]).tolist()) <= {7, 8}  # vacated: to the neighbouring stuff
 
 
-def test_random_tiny_refiner_gives_a_well_formed_result():
-    torch.manual_seed(0)
-    refiner = Refiner(weights=None, allow_random=True, device="cpu", config=CRMConfig.preset("tiny"),
-                      scales=(0.5, 1.0))
+def tiny_refiners(device, randomize_model):
+    """A random tiny refiner (varied outputs) on the device under test and the same one on the CPU."""
+    from crm_d2.model import CRM
+
+    model = randomize_model(CRM(CRMConfig.preset("tiny")))
+    out = []
+    for d in (device, "cpu"):
+        r = Refiner(weights=None, allow_random=True, device=d, config=CRMConfig.preset("tiny"), scales=(0.5, 1.0))
+        r.model.load_state_dict(model.state_dict())
+        out.append(r)
+    return out
+
+
+def test_random_tiny_refiner_gives_a_well_formed_result(device, randomize_model):
+    refiner, cpu = tiny_refiners(device, randomize_model)
     image, ids, segs = panoptic_scene()
-    out, kept = refine_panoptic(refiner, image, ids, segs, SegmentRefineOptions(min_area=10, max_side=64))
+    opts = SegmentRefineOptions(min_area=10, max_side=64)
+    out, kept = refine_panoptic(refiner, image, ids, segs, opts)
+    # on CUDA: the same segments as the CPU path, pixels agreeing but where two segments tie to float precision
+    cpu_out, cpu_kept = refine_panoptic(cpu, image, ids, segs, opts)
+    assert [s["id"] for s in kept] == [s["id"] for s in cpu_kept]
+    assert (out == cpu_out).mean() >= (1.0 if device == "cpu" else 0.99)
+    assert (out != ids).any()  # the refiner did change the map
     assert out.shape == ids.shape and out.dtype == ids.dtype
     present = set(np.unique(out).tolist()) - {0}
     assert present == {s["id"] for s in kept} and present <= {7, 8, 21, 22, 23}
@@ -168,6 +184,23 @@ def test_entities_non_overlapping():
     assert out.sum(0).max() <= 1
     assert out[0, 25:30, 5:15].all()  # free pixels go to mask 0
     assert out[1, 25:30, 15:30].all()  # equally sure claims: the higher score (mask 1) keeps its pixels
+
+
+def test_instances_with_a_real_refiner_on_the_device(device, randomize_model):
+    refiner, cpu = tiny_refiners(device, randomize_model)
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    masks = instance_masks()
+    opts = SegmentRefineOptions(min_area=10)
+    for non_overlapping in (False, True):
+        if non_overlapping:
+            masks[1, 5:25, 5:25] = False
+        out = refine_instances(refiner, image, masks, [0.9, 0.8, 0.7], opts, non_overlapping=non_overlapping)
+        want = refine_instances(cpu, image, masks, [0.9, 0.8, 0.7], opts, non_overlapping=non_overlapping)
+        assert out.shape == masks.shape and out.dtype == bool
+        np.testing.assert_array_equal(out[2], masks[2])  # below min_area: untouched
+        assert (out == want).mean() >= (1.0 if device == "cpu" else 0.99)
+        assert not non_overlapping or out.sum(0).max() <= 1
 
 
 def test_instances_bad_input():

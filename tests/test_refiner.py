@@ -1,53 +1,66 @@
 import numpy as np
 import pytest
+import torch
 
+from crm_d2.metrics import iou
 from crm_d2.model import CRMConfig
 from crm_d2.reference import reference_refine
 from crm_d2.refiner import Refiner, roi_box, stage_scales
 
+# Probabilities of the random tiny model come from logits up to ~20: tolerances on CUDA scale with that.
+LOGIT_SCALE = 20
 
 
 @pytest.fixture
-def refiner(tiny_model):
-    r = Refiner(weights=None, allow_random=True, device="cpu", config=CRMConfig.preset("tiny"))
+def refiner(tiny_model, device):
+    r = Refiner(weights=None, allow_random=True, device=device, config=CRMConfig.preset("tiny"))
     r.model.load_state_dict(tiny_model.state_dict())
     return r
 
 
-def test_matches_released_pipeline(refiner, scene):
+def cpu_twin(refiner):
+    """The same refiner (weights, schedule, mode, budget) on the CPU: the path CUDA results are compared with."""
+    twin = Refiner(weights=None, allow_random=True, device="cpu", config=refiner.model.cfg, scales=refiner.scales,
+                   memory_budget=refiner.memory_budget, max_batch=refiner.max_batch, mode=refiner.mode,
+                   fast=refiner.fast)
+    twin.model.load_state_dict(refiner.model.state_dict())
+    return twin
+
+
+def test_matches_released_pipeline(refiner, scene, tol):
     img, _, coarse = scene
     soft = coarse.astype(np.float32) * 0.8 + 0.1
     ours = refiner.refine(img, soft)
     ref = reference_refine(refiner.model, img, soft)
     assert ours.dtype == np.float32 and ours.shape == coarse.shape
     assert ours.std() > 0.01  # the comparison means something
-    np.testing.assert_allclose(ours, ref, atol=2e-5)
+    np.testing.assert_allclose(ours, ref, atol=tol(2e-5, LOGIT_SCALE))
 
 
-def test_small_memory_budget_changes_nothing(refiner, scene):
+def test_small_memory_budget_changes_nothing(refiner, scene, tol):
     img, _, coarse = scene
     a = refiner.refine(img, coarse)
     refiner.memory_budget = 1  # one row per decoding step
-    np.testing.assert_allclose(refiner.refine(img, coarse), a, atol=1e-6)
+    np.testing.assert_allclose(refiner.refine(img, coarse), a, atol=tol(1e-6, LOGIT_SCALE))
 
 
-def test_batch_equals_single_calls(refiner, scene):
+def test_batch_equals_single_calls(refiner, scene, tol):
     img, gt, coarse = scene
     masks = [coarse, gt, np.roll(coarse, 7, axis=1)]
     refiner.max_batch = 2
     batch = refiner.refine_batch(img, masks)
     assert batch.shape == (3,) + coarse.shape
     for m, b in zip(masks, batch):
-        np.testing.assert_allclose(refiner.refine(img, m), b, atol=1e-5)
+        np.testing.assert_allclose(refiner.refine(img, m), b, atol=tol(1e-5, LOGIT_SCALE))
 
 
-def test_roi_with_whole_image_margin_equals_full(refiner, scene):
+def test_roi_with_whole_image_margin_equals_full(refiner, scene, tol):
     img, _, coarse = scene
     full = refiner.refine(img, coarse)
-    np.testing.assert_allclose(refiner.refine(img, coarse, roi=True, margin=1e6), full, atol=1e-6)
+    np.testing.assert_allclose(refiner.refine(img, coarse, roi=True, margin=1e6), full, atol=tol(1e-6, LOGIT_SCALE))
 
 
-def test_roi_keeps_coarse_outside_and_batches(refiner):
+def test_roi_keeps_coarse_outside_and_batches(refiner, tol):
     rng = np.random.default_rng(1)
     img = rng.integers(0, 255, (200, 260, 3), dtype=np.uint8)
     a = np.zeros((200, 260), np.float32)
@@ -62,7 +75,7 @@ def test_roi_keeps_coarse_outside_and_batches(refiner):
         assert outside.any()
         np.testing.assert_array_equal(o[outside], m[outside])
         single = refiner.refine(img, m, roi=True, margin=0.25)
-        np.testing.assert_allclose(single, o, atol=1e-5)
+        np.testing.assert_allclose(single, o, atol=tol(1e-5, LOGIT_SCALE))
 
 
 def test_roi_box_rounding_and_limits():
@@ -143,7 +156,7 @@ def test_bad_arguments(refiner, scene):
         Refiner(weights="/nonexistent/crm.pth")
 
 
-def test_fast_mode_tiles_equal_dense_when_halo_covers_the_image(refiner, scene):
+def test_fast_mode_tiles_equal_dense_when_halo_covers_the_image(refiner, scene, tol):
     # With a band covering everything and a halo as big as the image, every tile's encoder sees the whole
     # image, so tiled decoding through feature offsets must equal decoding the whole map at once.
     from crm_d2.refiner import FastOptions
@@ -155,7 +168,7 @@ def test_fast_mode_tiles_equal_dense_when_halo_covers_the_image(refiner, scene):
     dense = refiner.refine(img, coarse)
     refiner.fast = FastOptions(band=10_000, tile=64, halo=256, band_from=0.2, **own)
     tiled = refiner.refine(img, coarse)
-    np.testing.assert_allclose(tiled, dense, atol=1e-5)
+    np.testing.assert_allclose(tiled, dense, atol=tol(1e-5, LOGIT_SCALE))
 
 
 def test_fast_mode_keeps_settled_pixels_from_the_previous_stage(refiner, scene):
@@ -199,7 +212,7 @@ def test_resize_positions_are_where_interpolate_samples():
     sampled = F.interpolate(ramp.view(1, 1, -1), size=n_out, mode="linear", align_corners=True).view(-1)
     assert torch.allclose(resize_positions(n_out, n_in), sampled, atol=1e-6)
 
-def test_tight_memory_budget_tiles_the_trunk_and_changes_nothing(refiner, scene, monkeypatch):
+def test_tight_memory_budget_tiles_the_trunk_and_changes_nothing(refiner, scene, monkeypatch, tol):
     img, _, coarse = scene
     a = refiner.refine(img, coarse)
     calls = []
@@ -207,7 +220,7 @@ def test_tight_memory_budget_tiles_the_trunk_and_changes_nothing(refiner, scene,
     monkeypatch.setattr(refiner.model, "_branches",
                         lambda x, *a, **k: calls.append(x.shape[-2]) or trunk(x, *a, **k))
     refiner.memory_budget = 40_000  # a trunk budget of ~0.16 MB: the full-scale pass needs row tiles
-    np.testing.assert_allclose(refiner.refine(img, coarse), a, atol=1e-5)
+    np.testing.assert_allclose(refiner.refine(img, coarse), a, atol=tol(1e-5, LOGIT_SCALE))
     assert len(calls) > len(refiner.scales) and min(calls) < img.shape[0]
 
 
@@ -227,7 +240,7 @@ def test_band_cells_marks_the_contour_and_unsettled_pixels():
     assert band[7, 15] and band[5, 13] and not band[0, 12]
 
 
-def test_fast_mode_with_one_scale_refines_a_band_around_the_coarse_mask(refiner, scene):
+def test_fast_mode_with_one_scale_refines_a_band_around_the_coarse_mask(refiner, scene, tol):
     from crm_d2.refiner import FastOptions
 
     img, _, coarse = scene
@@ -235,7 +248,7 @@ def test_fast_mode_with_one_scale_refines_a_band_around_the_coarse_mask(refiner,
     exact = refiner.refine(img, coarse)
     refiner.mode = "fast"
     refiner.fast = FastOptions(coarse_band=10.0, tile=64, halo=256)  # band and context cover everything
-    np.testing.assert_allclose(refiner.refine(img, coarse), exact, atol=1e-5)
+    np.testing.assert_allclose(refiner.refine(img, coarse), exact, atol=tol(1e-5, LOGIT_SCALE))
     # a bigger scene, so that some tiles lie far from the coarse boundary
     import cv2
 
@@ -254,8 +267,38 @@ def test_fast_mode_with_one_scale_refines_a_band_around_the_coarse_mask(refiner,
 
 def test_amp_encoder_is_close_to_fp32(refiner, scene):
     img, _, coarse = scene
-    fp32 = refiner.refine(img, coarse)
-    refiner.amp = True  # bfloat16 autocast encoder, on CPU here
+    fp32 = cpu_twin(refiner).refine(img, coarse)  # the CPU's fp32 result
+    refiner.amp = True  # bfloat16 autocast encoder on the device under test
     bf16 = refiner.refine(img, coarse)
     diff = np.abs(bf16 - fp32)
     assert bf16.dtype == np.float32 and 0 < diff.max() < 0.1 and diff.mean() < 0.01
+
+
+@pytest.mark.parametrize("case", ["exact", "roi", "fast", "tf32"])
+def test_device_agrees_with_cpu(refiner, scene, case, monkeypatch):
+    """The device under test against the CPU path on the same weights and inputs (on CPU: the CPU path against
+    itself, bit for bit). Exact mode and ROI to float tolerance; fast mode to float tolerance except where a band
+    cell sits on a threshold; TF32 convolutions (PyTorch's CUDA default, off in the CUDA test run) to the bf16
+    tolerance of `test_amp_encoder_is_close_to_fp32`. docs/benchmark.md ("GPU") lists these tolerances."""
+    img, gt, coarse = scene
+    masks = [coarse, np.roll(gt, 5, axis=0)]
+    kwargs = dict(roi=True, margin=0.25) if case == "roi" else {}
+    refiner.mode = "fast" if case == "fast" else "exact"
+    cpu = cpu_twin(refiner)
+    if case == "tf32":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    got = refiner.refine_batch(img, masks, **kwargs)
+    want = cpu.refine_batch(img, masks, **kwargs)
+    diff = np.abs(got - want)
+    print(f"{case} on {refiner.device}: max |device - cpu| {diff.max():.2e}, mean {diff.mean():.2e}, "
+          f"pixels over 1e-3: {(diff > 1e-3).mean():.3%}")
+    assert got.shape == want.shape == (2,) + coarse.shape and want.std() > 0.01
+    if refiner.device.type == "cpu":
+        np.testing.assert_array_equal(got, want)
+    elif case in ("exact", "roi"):
+        assert diff.max() < 1e-4
+    elif case == "fast":
+        assert (diff > 1e-3).mean() < 0.01 and all(iou(g > 0.5, w > 0.5) > 0.99 for g, w in zip(got, want))
+    else:
+        assert diff.max() < 0.1 and diff.mean() < 0.01

@@ -5,13 +5,18 @@
     python tools/benchmark.py --sizes 1k 2k --modes exact reference --runs 3
     python tools/benchmark.py --weights demo --sizes 4k         # fast vs exact IoU/mBA on a generated scene
     python tools/benchmark.py --weights demo --sizes 4k --photos ../shared/data/crm-train/ecssd --photo-count 5
+    python tools/benchmark.py --devices cuda --sizes 6k --modes exact --budget-mb 256 --gpu-memory-gb 4  # 4 GiB card
 
 Every configuration runs in its own subprocess so that peak memory (ru_maxrss on CPU, max_memory_allocated on
 CUDA) belongs to that configuration alone. Inputs are generated scenes (crm_d2.train.synthetic.make_scene) or,
 with --photos (a folder with images/ and masks/ of the same stems), real photos upscaled to the size with their
 masks (`upscale_photo`; there is no real 4K data here), each with a low-resolution segmenter's coarse mask.
 "reference" is the released pipeline (crm_d2.reference: layer4 computed, four 256-d gathers per query) for
-speed-up figures. Results print as a Markdown table and can be saved as JSON (--json).
+speed-up figures. Sizes are 1k, 2k, 4k, 6k or WIDTHxHEIGHT. --warmup runs each configuration that many times
+before the timed runs (first-use costs: cuDNN's algorithm choice, the Triton kernel's compilation and check).
+--gpu-memory-gb caps the CUDA caching allocator (`torch.cuda.set_per_process_memory_fraction`) to emulate a
+smaller card. Results print as a Markdown table and can be saved as JSON (--json); each result is also printed
+as one JSON line as soon as it is measured.
 """
 import argparse
 import json
@@ -25,6 +30,24 @@ import time
 SIZES = {"1k": (768, 1024), "2k": (1600, 2048), "4k": (2160, 3840), "6k": (4000, 6000)}
 
 
+def size_hw(size):
+    """(H, W) of a size name (1k, 2k, 4k, 6k) or of WIDTHxHEIGHT."""
+    if size in SIZES:
+        return SIZES[size]
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be one of {', '.join(SIZES)} or WIDTHxHEIGHT, got {size!r}")
+    if w < 33 or h < 33:
+        raise argparse.ArgumentTypeError(f"size {size}: at least 33 pixels on each side")
+    return h, w
+
+
+def size_arg(size):
+    size_hw(size)
+    return size
+
+
 def run_one(args):
     import numpy as np
     import torch
@@ -36,7 +59,12 @@ def run_one(args):
     from crm_d2.train.synthetic import make_scene, upscale_photo
 
     torch.manual_seed(0)
-    H, W = SIZES[args.size]
+    H, W = size_hw(args.size)
+    cuda = args.device.startswith("cuda")
+    if cuda and args.gpu_memory_gb:
+        dev = torch.device(args.device)
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gb * 2**30 / total), dev)
     if args.photo:
         image_path, mask_path = args.photo.split(os.pathsep)
         scene = upscale_photo(read_image(image_path), read_mask(mask_path), (H, W), seed=args.seed)
@@ -48,30 +76,42 @@ def run_one(args):
                       config=args.weights[len("random-"):] if random else None, device=args.device,
                       mode="fast" if args.mode == "fast" else "exact", memory_budget=args.budget_mb << 20,
                       scales=args.scales, amp=args.mode == "amp")
-    if args.device.startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, stages, out = [], [], None
-    for _ in range(args.runs):
+    layer4 = make_layer4(refiner.model).to(refiner.device) if args.mode == "reference" else None
+
+    def once():
         refiner.profile = []
         t0 = time.perf_counter()
         if args.mode == "reference":
-            out = reference_refine(refiner.model, scene.image, mask.astype(np.float32) / 255,
-                                   layer4=make_layer4(refiner.model).to(refiner.device), timings=refiner.profile)
+            pred = reference_refine(refiner.model, scene.image, mask.astype(np.float32) / 255, layer4=layer4,
+                                    timings=refiner.profile)
         else:
-            out = refiner.refine(scene.image, mask, roi=args.roi)
-        if args.device.startswith("cuda"):
+            pred = refiner.refine(scene.image, mask, roi=args.roi)
+        if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        return pred, time.perf_counter() - t0
+
+    warmup_s = [once()[1] for _ in range(args.warmup)]
+    times, stages, out = [], [], None
+    for _ in range(args.runs):
+        out, t = once()
+        times.append(t)
         stages = refiner.profile
-    peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
+    peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     res = {"size": args.size, "hw": [H, W],
            "input": os.path.basename(args.photo.split(os.pathsep)[0]) if args.photo else f"scene {args.seed}",
            "mode": args.mode + ("+roi" if args.roi else ""), "device": args.device,
            "weights": args.weights, "runs": args.runs, "median_s": statistics.median(times), "times_s": times,
-           "peak_mem_gb": peak / 2**30, "mpix_per_s": H * W / 1e6 / statistics.median(times),
+           "warmup_s": warmup_s, "peak_mem_gb": peak / 2**30,
+           "mpix_per_s": H * W / 1e6 / statistics.median(times),
            "stages": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "budget_mb": args.budget_mb}
+    if cuda:
+        res["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+        res["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+        res["gpu_memory_cap_gb"] = args.gpu_memory_gb
     if args.save_pred:
         np.save(args.save_pred, out)
     gt = scene.gt > 127
@@ -127,7 +167,7 @@ def main():
     from crm_d2.commands.common import add_scales_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), type=size_arg, help="1k 2k 4k 6k or WIDTHxHEIGHT")
     p.add_argument("--modes", nargs="+", default=["exact", "fast"], choices=["exact", "fast", "amp", "reference"],
                    help="amp: exact mode with a bfloat16 autocast encoder")
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
@@ -135,6 +175,9 @@ def main():
                    help="checkpoint path, 'demo', or random-<preset> (timing only: random weights make fast mode's "
                         "band meaningless)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=0, help="untimed runs of each configuration before --runs")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="CUDA: cap the caching allocator at this many GiB (emulates a smaller card)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-mb", type=int, default=512)
     add_scales_argument(p)
@@ -170,6 +213,9 @@ def main():
                                seed=args.seed, budget_mb=args.budget_mb, scales=args.scales, photo=photo)
                     extra = ["--save-pred", exact_pred] if mode == "exact" else (
                         ["--compare-to", exact_pred] if os.path.exists(exact_pred) else [])
+                    extra += ["--warmup", str(args.warmup)]
+                    if args.gpu_memory_gb:
+                        extra += ["--gpu-memory-gb", str(args.gpu_memory_gb)]
                     r = child(cfg, extra)
                     results.append(r)
                     print(json.dumps(r), flush=True)
