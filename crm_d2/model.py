@@ -23,6 +23,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
 TRUNK_BYTES_PER_PX_PER_WIDTH = 5  # peak inference activations of the trunk per input pixel, per unit of width
 _EPS_SHIFT = 1e-6
+MASK_GAIN_INIT = 3.0  # a fresh skip passes the mask through as p = sigmoid(+-3) = 0.95 / 0.05
 
 
 @dataclass
@@ -34,6 +35,9 @@ class CRMConfig:
     hidden: int = 32  # MLP width
     depth: int = 4  # MLP hidden layers
     dropout: float = 0.5
+    # Not in the release: add `mask_gain * mask` (the stage's input mask in [-1, 1] at each query point) to the
+    # output logit, so that the network learns corrections to the mask rather than the mask itself.
+    mask_skip: bool = False
 
     PRESETS = {
         "r50": dict(layers=(3, 4, 6), width=64),
@@ -247,6 +251,12 @@ class CRM(nn.Module):
         self.feats = Encoder(cfg.layers, cfg.width)
         self.aspp_ = Neck(cfg.width, cfg.dropout)
         self.imnet = MLP(cfg.feat_dim + 6, cfg.hidden, cfg.depth)
+        if cfg.mask_skip:
+            self.mask_gain = nn.Parameter(torch.tensor(MASK_GAIN_INIT))
+
+    def mask_logit(self, prior):
+        """The skip's share of the logit for a mask in [-1, 1] at the query points, or None without a skip."""
+        return self.mask_gain * prior if self.cfg.mask_skip else None
 
     def encode(self, x):
         """x: Bx4xhxw (normalised RGB + mask in [-1, 1]) -> feature map Bx(4*width)xceil(h/2)xceil(w/2)."""
@@ -413,11 +423,71 @@ class CRM(nn.Module):
                 h = h.relu_()
         return h[..., 0]
 
-    def forward(self, x, out_size=None):
-        """Training use: logits Bx1xHxW for every pixel of out_size (default: the input's size)."""
+    def decode_points(self, proj, qy, qx, cell):
+        """Logits at B x N scattered query points (qy, qx: B x N coordinates in (-1, 1)), for training losses
+        that need only a sample of the pixels. Same maths as `decode` (which works on row x column grids)."""
+        B, Hf, Wf, C = proj.shape
+        first = self.imnet.layers[0]
+        wpos = first.weight[:, self.cfg.feat_dim :].to(proj.dtype)
+        const = first.bias + wpos[:, 4] * (cell[0] * Hf) + wpos[:, 5] * (cell[1] * Wf)
+        iy, ry = (t.view(2, B, -1) for t in axis_neighbours(qy.reshape(-1), Hf))
+        ix, rx = (t.view(2, B, -1) for t in axis_neighbours(qx.reshape(-1), Wf))
+        pos = qy[..., None] * wpos[:, 2] + qx[..., None] * wpos[:, 3] + const
+        flat = proj.reshape(B, Hf * Wf, C)
+        logits, weights = [], []
+        for vy, vx in SHIFTS:
+            a, b = (vy + 1) // 2, (vx + 1) // 2
+            h = torch.gather(flat, 1, (iy[a] * Wf + ix[b])[..., None].expand(-1, -1, C))
+            h = h + ry[a][..., None] * wpos[:, 0] + rx[b][..., None] * wpos[:, 1] + pos
+            logits.append(self._mlp_tail(h))
+            weights.append(ry[a].abs() * rx[b].abs() + 1e-9)
+        total = weights[0] + weights[1] + weights[2] + weights[3]
+        return sum(logits[k] * (weights[3 - k] / total) for k in range(4))
+
+    def forward(self, x, out_size=None, prior=None, sample=None):
+        """Training use: logits Bx1xHxW for every pixel of out_size (default: the input's size).
+
+        prior: the input mask in [-1, 1] at out_size (B x 1 x H x W), for the mask skip. sample: a
+        `QuerySample` to decode only some pixels (then returns (patch logits B x 1 x h x w, point logits B x N)).
+        """
         out_size = tuple(out_size or x.shape[-2:])
+        if self.cfg.mask_skip and prior is None:
+            raise ValueError("this CRM has a mask skip: forward() needs the prior mask at the output size")
         proj = self.project(self.encode(x))
-        return self.decode_rows(proj, out_size, (0, out_size[0]))[:, None]
+        H, W = out_size
+        cell = (2.0 / H, 2.0 / W)
+        if sample is None:
+            out = self.decode_rows(proj, out_size, (0, H))[:, None]
+            return out if prior is None or not self.cfg.mask_skip else out + self.mask_logit(prior)
+        (y0, y1), (x0, x1) = sample.patch
+        qy, qx = make_coord(H, x.device), make_coord(W, x.device)
+        patch = self.decode(proj, qy[y0:y1], qx[x0:x1], cell)[:, None]
+        points = self.decode_points(proj, qy[sample.rows], qx[sample.cols], cell)
+        if self.cfg.mask_skip:
+            patch = patch + self.mask_logit(prior[:, :, y0:y1, x0:x1])
+            points = points + self.mask_logit(sample.take(prior))
+        return patch, points
+
+
+@dataclass
+class QuerySample:
+    """Which pixels a training step decodes: one dense patch (for the gradient loss, which needs neighbours)
+    and N scattered points per sample (for the pointwise losses). rows/cols: B x N pixel indices; `tile`: the
+    part of the patch the loss scores (the rest is context). See `crm_d2.train.losses.draw_sample`."""
+
+    patch: tuple  # ((y0, y1), (x0, x1))
+    rows: torch.Tensor
+    cols: torch.Tensor
+    tile: tuple = None
+
+    def take(self, maps):
+        """B x 1 x H x W maps -> B x N values at the points."""
+        B, _, H, W = maps.shape
+        return torch.gather(maps.reshape(B, H * W), 1, self.rows * W + self.cols)
+
+    def crop(self, maps):
+        (y0, y1), (x0, x1) = self.patch
+        return maps[:, :, y0:y1, x0:x1]
 
 
 def upsample_rows(x, size, lo, hi):

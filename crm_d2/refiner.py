@@ -16,7 +16,8 @@ from .checkpoint import load_model
 from .model import CRM, TRUNK_BYTES_PER_PX_PER_WIDTH, CRMConfig, make_coord, normalize_image
 
 PAD = 32
-DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)
+DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)  # the release's schedule (and the authors' checkpoint's)
+AUTO_BASE = 512  # "auto" schedule: the first stage's long side, about what a checkpoint was trained on
 OUTPUTS = ("prob", "binary", "uint8")
 CPU_CHUNK_QUERIES = 16384  # decoder queries per step on CPU: keeps the 32-d working set in L2
 BAND_BLOCK = 32  # fast mode decodes the band in strips of this many encoder-grid rows
@@ -97,9 +98,19 @@ class FastOptions:
             raise ValueError("fast mode tile and halo must be even, tile > 0")
 
 
-def stage_scales(scales, padded_shape, max_side=None):
-    """Encoder scales for one input: `max_side` caps the encoder's input long side (decoding stays at full
-    resolution, which is what makes the cap cheap); consecutive duplicates after capping are run once."""
+def auto_scales(long_side, base=AUTO_BASE):
+    """The resolution-aware schedule: a first stage at about `base` px on the long side, then doubling up to
+    full resolution. 400 px -> (1.0,); 1024 -> (0.5, 1.0); 4K -> (0.125, 0.25, 0.5, 1.0), the released ratios."""
+    k = max(0, round(math.log2(long_side / base)))
+    return tuple(2.0 ** -i for i in range(k, -1, -1))
+
+
+def stage_scales(scales, padded_shape, max_side=None, base=AUTO_BASE):
+    """Encoder scales for one input: "auto" is resolved on the input's size (`auto_scales`); `max_side` caps
+    the encoder's input long side (decoding stays at full resolution, which is what makes the cap cheap);
+    consecutive duplicates after capping are run once."""
+    if isinstance(scales, str):
+        scales = auto_scales(max(padded_shape), base)
     if max_side is None:
         return tuple(scales)
     cap = max_side / max(padded_shape)
@@ -118,8 +129,10 @@ class Refiner:
         weights: "demo" (the small model shipped with crm_d2), a path to a crm_d2 checkpoint, or the authors'
             released state_dict file. `None` builds a randomly initialised model, only with `allow_random=True`.
         device: "cpu", "cuda", "cuda:1", ... or None for CUDA when available.
-        scales: the multi-resolution schedule (fractions of the padded image size), low to high; default: the
-            checkpoint's own `meta["scales"]` if it has one, else the released 0.125, 0.25, 0.5, 1.
+        scales: the multi-resolution schedule (fractions of the padded image size), low to high, or "auto"
+            (`auto_scales`: first stage at about the training resolution, then doubling; worked out per image or
+            ROI); default: the checkpoint's own `meta["scales"]` if it has one, else the released 0.125, 0.25,
+            0.5, 1 (the authors' checkpoint carries none, so it runs as released).
         memory_budget: bytes the decoder may use per step (queries are chunked to fit it); the encoder trunk
             runs in row tiles when its activations would exceed four times this.
         max_batch: masks encoded together at once.
@@ -147,8 +160,10 @@ class Refiner:
         for p in self.model.parameters():
             p.requires_grad_(False)
         # A checkpoint may say which schedule it was validated with (the small demo model: full scale only).
-        scales = scales or getattr(self.model, "meta", {}).get("scales") or DEFAULT_SCALES
+        meta = getattr(self.model, "meta", {})
+        scales = scales or meta.get("scales") or DEFAULT_SCALES
         self.scales = self._check_scales(scales)
+        self.auto_base = int(meta.get("auto_base", AUTO_BASE))
         self.memory_budget = int(memory_budget)
         self.max_batch = max(1, int(max_batch))
         self.amp = bool(amp)
@@ -160,6 +175,10 @@ class Refiner:
 
     @staticmethod
     def _check_scales(scales):
+        if isinstance(scales, str):
+            if scales != "auto":
+                raise ValueError(f"scales must be a list of numbers or 'auto', got {scales!r}")
+            return scales
         scales = tuple(float(s) for s in scales)
         if not scales or any(not (0 < s <= 4) for s in scales):
             raise ValueError(f"scales must be a non-empty list of numbers in (0, 4], got {scales}")
@@ -226,13 +245,13 @@ class Refiner:
         im, seg = self._padded_inputs(images, masks)
         Hp, Wp = seg.shape[-2:]
         prob = torch.empty(B, Hp, Wp, device=self.device)
-        for s in stage_scales(scales, (Hp, Wp), max_side):
+        for s in stage_scales(scales, (Hp, Wp), max_side, self.auto_base):
             size = (round(Hp * s), round(Wp * s))
             im_s, seg_s = resize(im, size), resize(seg, size)
             t0 = self._clock()
             proj = self._project_batched(im_s, seg_s)
             t1 = self._clock()
-            self._decode_into(prob, proj, (2 / Hp, 2 / Wp))
+            self._decode_into(prob, proj, (2 / Hp, 2 / Wp), prior=seg[:, 0])
             self._record(s, t0, t1)
             empty = (seg + 1).flatten(1).sum(1) < 2  # the release's guard against an (almost) empty input
             prob[empty] = 0
@@ -273,8 +292,9 @@ class Refiner:
     def _trunk_budget(self):
         return 4 * self.memory_budget  # the encoder's activations: short-lived, so a larger share than the decoder
 
-    def _decode_into(self, prob, proj, cell, queries=None):
-        """Decode every pixel of prob's grid (B x H x W), chunk by chunk of rows.
+    def _decode_into(self, prob, proj, cell, queries=None, prior=None):
+        """Decode every pixel of prob's grid (B x H x W), chunk by chunk of rows. prior: the stage's input mask
+        in [-1, 1] on the same grid (B x H x W), for models with a mask skip.
 
         On CPU the chunks are small enough for the working set to stay in cache (the MLP is memory-bound, and
         this is several times faster than big chunks); on GPU they are as large as the memory budget allows.
@@ -289,7 +309,14 @@ class Refiner:
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
             chunk = (iy[:, r0:r1], row_term[:, r0:r1], ay[:, r0:r1])
-            prob[:, r0:r1] = torch.sigmoid(self.model.ensemble(proj, chunk, cols))
+            prob[:, r0:r1] = torch.sigmoid(self._logits(proj, chunk, cols, prior, (slice(r0, r1), slice(None))))
+
+    def _logits(self, proj, rows, cols, prior, where):
+        """The decoder's logits, plus the mask skip's term (prior[:, where]) for models that have one."""
+        logits = self.model.ensemble(proj, rows, cols)
+        if self.model.cfg.mask_skip:
+            logits += self.model.mask_logit(prior[(slice(None), *where)])
+        return logits
 
     @torch.no_grad()
     def _refine_fast(self, images, masks, scales, max_side=None):
@@ -300,7 +327,7 @@ class Refiner:
         im, seg = self._padded_inputs(images, masks)
         B, (Hp, Wp) = len(masks), seg.shape[-2:]
         cell = (2 / Hp, 2 / Wp)
-        stages = stage_scales(scales, (Hp, Wp), max_side)
+        stages = stage_scales(scales, (Hp, Wp), max_side, self.auto_base)
         prev = None
         for i, s in enumerate(stages):
             E = (round(Hp * s), round(Wp * s))
@@ -320,14 +347,15 @@ class Refiner:
             im_s = resize(im, E).expand(B, -1, -1, -1)
             src = seg if prev is None else (prev - 0.5) * 2
             seg_s = resize(src, E)
+            prior = resize(src, D)[:, 0] if self.model.cfg.mask_skip else None  # the skip's mask at the queries
             t0, extra = self._clock(), {}
             if dense:
                 prob = torch.empty(B, *D, device=self.device)
                 proj = self._project_batched(im_s, seg_s)
                 t1 = self._clock()
-                self._decode_into(prob, proj, cell, queries)
+                self._decode_into(prob, proj, cell, queries, prior)
             else:
-                prob, t_enc, extra["tiles"] = self._band_stage(im_s, seg_s, prev, D, cell, band)
+                prob, t_enc, extra["tiles"] = self._band_stage(im_s, seg_s, prev, D, cell, band, prior)
                 t1 = t0 + t_enc
             self._record(s, t0, t1, **extra)
             empty = (seg_s + 1).flatten(1).sum(1) * (Hp * Wp / (E[0] * E[1])) < 2
@@ -335,7 +363,7 @@ class Refiner:
             prev = prob[:, None]
         return prev[:, 0, PAD:-PAD, PAD:-PAD].cpu().numpy()
 
-    def _band_stage(self, im_s, seg_s, prev, D, cell, band_px):
+    def _band_stage(self, im_s, seg_s, prev, D, cell, band_px, prior=None):
         opt = self.fast
         E = seg_s.shape[-2:]
         prob = resize(prev, D)[:, 0]  # the previous stage, kept outside the band
@@ -367,8 +395,9 @@ class Refiner:
                     for by0, by1, bx0, bx1 in band_strips(band, y0, y1, x0, min(E[1], x0 + opt.tile)):
                         dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
                         dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
-                        logits = self.model.ensemble(proj, [t[:, dy0 - ry0 : dy1 - ry0] for t in rows],
-                                                     [t[:, dx0 - rx0 : dx1 - rx0] for t in cols])
+                        logits = self._logits(proj, [t[:, dy0 - ry0 : dy1 - ry0] for t in rows],
+                                              [t[:, dx0 - rx0 : dx1 - rx0] for t in cols], prior,
+                                              (slice(dy0, dy1), slice(dx0, dx1)))
                         prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
         return prob, t_enc, tiles
 

@@ -16,7 +16,6 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from crm_d2.panoptic.refine import SegmentRefineOptions
-from crm_d2.refiner import DEFAULT_SCALES
 
 __all__ = ["add_crm_config", "add_base_model_configs", "get_crm_cfg", "load_config_dict", "REFINABLE_OUTPUTS",
            "BASE_MODELS"]
@@ -47,8 +46,10 @@ def add_crm_config(cfg):
     cfg.MODEL.CRM.WEIGHTS = ""
     # The meta-architecture whose outputs are refined; MODEL.META_ARCHITECTURE is "CRMPostRefiner".
     cfg.MODEL.CRM.BASE_META_ARCHITECTURE = "GeneralizedRCNN"
-    # Refinement scales of the cascade (fractions of the ROI's full resolution), as in the paper.
-    cfg.MODEL.CRM.SCALES = list(DEFAULT_SCALES)
+    # Refinement scales of the cascade (fractions of the ROI's full resolution), or ["auto"] (a first stage at
+    # about the training resolution, then doubling); [] = the checkpoint's own schedule, as Refiner() and
+    # `crm-d2 panoptic` use when given none (the authors' file: the released 0.125, 0.25, 0.5, 1.0).
+    cfg.MODEL.CRM.SCALES = []
     # Context around each segment's box, as a fraction of the box size.
     cfg.MODEL.CRM.ROI_MARGIN = float(core.margin)
     # Long side cap of the encoder input per segment ROI (0 = no cap); decoding stays at full resolution.

@@ -108,7 +108,8 @@ class CRMRefinementMixin:
             if not c.WEIGHTS:
                 raise ValueError("MODEL.CRM.ENABLED is True but MODEL.CRM.WEIGHTS is empty: give a CRM checkpoint "
                                  "(or 'demo'), or set MODEL.CRM.ENABLED False for the base model alone")
-            refiner = Refiner(c.WEIGHTS, device=cfg.MODEL.DEVICE, scales=tuple(c.SCALES), amp=bool(c.AMP),
+            scales = "auto" if list(c.SCALES) == ["auto"] else tuple(c.SCALES) or None
+            refiner = Refiner(c.WEIGHTS, device=cfg.MODEL.DEVICE, scales=scales, amp=bool(c.AMP),
                               max_batch=int(c.BATCH_SIZE))
         # Not an attribute nn.Module tracks: CRM stays out of state_dict(), parameters() and .to().
         object.__setattr__(self, "crm_refiner", refiner)

@@ -11,7 +11,8 @@ Sources (one dict per source in the YAML config, joined in order):
 
 Every source also takes `holdout_every: K` with `part: train|val`: items are sorted by name and every K-th one
 (index % K == holdout_offset, default 0) is the validation part. The split is a pure function of the file names,
-so it is written down by the config itself.
+so it is written down by the config itself. `exclude: [STEM, ...]` keeps named items out of the training part
+(e.g. photos a demo shows, which must be new to the model).
 
 A training sample is a pure function of its position in the sample stream (`StreamSampler`): the data order,
 crops, flips, colour jitter and coarse mask are all drawn from numpy generators seeded by (seed, position). That
@@ -123,6 +124,7 @@ def build_items(specs, part="train", base_dir=None, empty="keep"):
             if not root.is_absolute() and not root.exists() and base_dir is not None:
                 if (Path(base_dir) / root).exists():
                     root = Path(base_dir) / root
+        exclude = {str(n) for n in spec.pop("exclude", None) or ()}
         every = int(spec.pop("holdout_every", 0) or 0)
         offset = int(spec.pop("holdout_offset", 0))
         if kind == "pairs":
@@ -148,6 +150,8 @@ def build_items(specs, part="train", base_dir=None, empty="keep"):
         if every > 0:
             src = sorted(src, key=lambda it: it.name)
             src = [it for k, it in enumerate(src) if (k % every == offset) == (part == "val")]
+        if exclude and part == "train":
+            src = [it for it in src if it.name.rsplit("/", 1)[-1] not in exclude]
         if empty == "skip":
             kept = [it for it in src if it.synthetic or not _is_empty(it.mask)]
             if len(kept) != len(src):

@@ -29,6 +29,8 @@ __all__ = [
     "random_morph",
     "polygon_perturb",
     "lowres_perturb",
+    "lowres_protocol",
+    "blob_perturb",
     "perturb_mask",
     "mask_iou",
 ]
@@ -52,6 +54,10 @@ class PerturbConfig:
     lowres_blur_prob: float = 0.5
     lowres_blur_sigma: tuple = (0.5, 2.0)   # in low-res pixels
     lowres_soft_prob: float = 0.5           # keep the upsampled probability soft (else threshold at 0.5)
+    fine_prob: float = 0.0        # a nearly perfect mask (the low-res view at a factor in fine_factor), drawn
+    fine_factor: tuple = (1.0, 3.0)  # first: the model must learn to leave good masks alone
+    blob_prob: float = 0.0        # then, with this probability, 1-3 missing parts or false blobs
+    blob_size: tuple = (0.05, 0.25)  # their radius, as a fraction of the mask's box
 
     @classmethod
     def from_dict(cls, d):
@@ -59,14 +65,15 @@ class PerturbConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown perturbation options: {sorted(unknown)}")
-        for key in ("lowres_factor", "lowres_threshold", "lowres_blur_sigma"):
+        for key in ("lowres_factor", "lowres_threshold", "lowres_blur_sigma", "fine_factor", "blob_size"):
             if key in d:
                 d[key] = tuple(d[key])
         cfg = cls(**d)
         if not 0.0 <= cfg.iou_min <= cfg.iou_max <= 1.0:
             raise ValueError(f"need 0 <= iou_min <= iou_max <= 1, got {cfg.iou_min}, {cfg.iou_max}")
-        if not 0.0 <= cfg.lowres_prob <= 1.0:
-            raise ValueError(f"lowres_prob must be in [0, 1], got {cfg.lowres_prob}")
+        for key in ("lowres_prob", "fine_prob", "blob_prob"):
+            if not 0.0 <= getattr(cfg, key) <= 1.0:
+                raise ValueError(f"{key} must be in [0, 1], got {getattr(cfg, key)}")
         return cfg
 
 
@@ -216,9 +223,50 @@ def lowres_perturb(gt, rng, cfg=None, factor=None):
     return up
 
 
-def perturb_mask(gt, rng, cfg=None):
-    """One coarse mask for `gt` (HxW, uint8 0..255, bool or float in [0, 1]) from the configured mix."""
+def lowres_protocol(gt, factor):
+    """The evaluation's fixed low-resolution coarse mask: GT down `factor` times (INTER_AREA), back up
+    (INTER_LINEAR), thresholded at 127. No randomness: every model is judged on the same inputs."""
+    g = _binary(gt)
+    h, w = g.shape
+    small = cv2.resize(g, (max(1, round(w / factor)), max(1, round(h / factor))), interpolation=cv2.INTER_AREA)
+    return cv2.threshold(cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR), 127, 255, cv2.THRESH_BINARY)[1]
+
+
+def blob_perturb(mask, rng, cfg=None):
+    """Segmenter mistakes that are not boundary errors: 1-3 ellipses cut out of the mask (a missing part) or
+    added next to it (a false blob), sized from the mask's box. uint8 in, uint8 out (soft values kept elsewhere)."""
     cfg = cfg or PerturbConfig()
-    if cfg.lowres_prob > 0 and rng.random() < cfg.lowres_prob:
-        return lowres_perturb(gt, rng, cfg)
-    return polygon_perturb(gt, rng, cfg)
+    out = np.array(mask, np.uint8, copy=True)
+    ys, xs = np.nonzero(out > 127)
+    if ys.size == 0:
+        return out
+    h, w = out.shape
+    bh, bw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    for _ in range(int(rng.integers(1, 4))):
+        ry, rx = (cfg.blob_size[0] + rng.random(2) * (cfg.blob_size[1] - cfg.blob_size[0])) * (bh, bw)
+        if rng.random() < 0.5:  # missing part: centred on the mask
+            k = int(rng.integers(ys.size))
+            cy, cx, value = int(ys[k]), int(xs[k]), 0
+        else:  # false blob: within the box grown by half its size
+            cy = int(np.clip(ys.min() + (rng.random() * 2 - 0.5) * bh, 0, h - 1))
+            cx = int(np.clip(xs.min() + (rng.random() * 2 - 0.5) * bw, 0, w - 1))
+            value = 255
+        axes = (max(1, int(rx)), max(1, int(ry)))
+        cv2.ellipse(out, (cx, cy), axes, float(rng.random() * 180), 0, 360, value, -1)
+    return out
+
+
+def perturb_mask(gt, rng, cfg=None):
+    """One coarse mask for `gt` (HxW, uint8 0..255, bool or float in [0, 1]) from the configured mix: nearly
+    perfect (fine_prob), else low-resolution (lowres_prob), else the released polygon recipe; then blobs."""
+    cfg = cfg or PerturbConfig()
+    if cfg.fine_prob > 0 and rng.random() < cfg.fine_prob:
+        lo, hi = cfg.fine_factor
+        out = lowres_perturb(gt, rng, cfg, factor=lo + rng.random() * (hi - lo))
+    elif cfg.lowres_prob > 0 and rng.random() < cfg.lowres_prob:
+        out = lowres_perturb(gt, rng, cfg)
+    else:
+        out = polygon_perturb(gt, rng, cfg)
+    if cfg.blob_prob > 0 and rng.random() < cfg.blob_prob:
+        out = blob_perturb(out, rng, cfg)
+    return out

@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
 from crm_d2.checkpoint import load_checkpoint, load_state, save_checkpoint
 from crm_d2.model import CRM, CRMConfig, normalize_input
 from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, val_samples
-from crm_d2.train.losses import CRMLoss
+from crm_d2.train.losses import CRMLoss, draw_sample
 from crm_d2.train.perturb import PerturbConfig
 
 logger = logging.getLogger("crm_d2.train")
@@ -43,6 +44,7 @@ __all__ = ["DEFAULTS", "load_config", "apply_overrides", "Trainer", "train_from_
 # Every key a config may set; a config file or an override naming anything else is an error (typos fail loudly).
 DEFAULTS = {
     "model": {"preset": "r50", "layers": None, "width": None, "hidden": None, "depth": None, "dropout": None,
+              "mask_skip": None,  # True: the coarse mask's skip to the output logit (project models)
               "init": None,  # ImageNet ResNet-50 state_dict (torchvision names) for the encoder
               "weights": None},  # whole-model start (crm_d2 checkpoint or the released file), e.g. to fine-tune
     "data": {
@@ -53,7 +55,14 @@ DEFAULTS = {
         "num_workers": 2,
         "perturb": {},  # crm_d2.train.perturb.PerturbConfig fields
         "val_perturb": None,  # coarse masks for validation pairs without one (default: perturb)
+        # The network sees each crop at one of these input scales (drawn uniformly per iteration) and is
+        # queried at the crop's full resolution, as a schedule's lower stages are at inference.
+        "input_scales": [1.0],
     },
+    # Decode only part of each crop: `points` random pixels per sample for the pointwise losses and one
+    # `tile` x tile square (with its context) for the gradient loss. 0 = every pixel (the released recipe).
+    # Same loss in expectation (crm_d2.train.losses.CRMLoss.sampled), a fraction of the decoder's work.
+    "sampling": {"points": 0, "tile": 0},
     "solver": {
         "batch_size": 12,  # total over all processes
         "lr": 2.25e-4,
@@ -64,10 +73,12 @@ DEFAULTS = {
         "amp": True,  # CUDA only (float16 autocast + GradScaler)
         "sync_bn": False,
         "grad_clip": None,
+        "channels_last": False,  # channels_last memory format for the encoder (faster convolutions)
     },
     "loss": {"bce": 1.0, "l1": 0.5, "l2": 0.5, "grad": 2.0},
-    # Periodic validation reads at most max_items items; the one at max_iter reads them all.
-    "val": {"period": 5000, "max_items": None, "scales": [0.125, 0.25, 0.5, 1.0], "seed": 0},
+    # Validation reads at most max_items items (evenly spread over the sources), the final one too. scales
+    # (a list or "auto") and auto_base are stored in the exported model as its default schedule.
+    "val": {"period": 5000, "max_items": None, "scales": [0.125, 0.25, 0.5, 1.0], "auto_base": 512, "seed": 0},
     "checkpoint": {"period": 1000, "keep": 3, "export_half": False},
     "log": {"period": 20, "tensorboard": True},
     "output_dir": "runs/crm",
@@ -160,11 +171,17 @@ def load_config(path=None, overrides=()):
         for k in ("max_iter", "batch_size"):
             s[k] = int(s[k])
         s["steps"] = [int(v) for v in s["steps"]]
+        cfg["data"]["input_scales"] = [float(v) for v in cfg["data"]["input_scales"]]
+        cfg["sampling"] = {k: int(v or 0) for k, v in cfg["sampling"].items()}
         cfg["loss"] = {k: float(v) for k, v in cfg["loss"].items()}
     except (TypeError, ValueError) as exc:
         raise ValueError(f"config: a solver/loss value is not a number ({exc})") from None
     if int(s["max_iter"]) < 1 or int(s["batch_size"]) < 1:
         raise ValueError("solver.max_iter and solver.batch_size must be positive")
+    if not cfg["data"]["input_scales"] or not all(0 < v <= 1 for v in cfg["data"]["input_scales"]):
+        raise ValueError(f"data.input_scales must be a non-empty list in (0, 1], got {cfg['data']['input_scales']}")
+    if (cfg["sampling"]["points"] > 0) != (cfg["sampling"]["tile"] > 0):
+        raise ValueError("sampling.points and sampling.tile go together (both 0 = decode every pixel)")
     if list(s["steps"]) != sorted(s["steps"]):
         raise ValueError(f"solver.steps must be increasing, got {s['steps']}")
     PerturbConfig.from_dict(cfg["data"]["perturb"])  # fail early on bad perturbation options
@@ -356,6 +373,8 @@ class Trainer:
                                  f"{start['config'].to_dict()}, the config asks for {self.model_cfg.to_dict()}")
             load_state(model, start["model"], source=str(cfg["model"]["weights"]))
         model.to(self.device)
+        if sol["channels_last"]:
+            model.to(memory_format=torch.channels_last)
         if sol["sync_bn"] and self.env.world_size > 1:
             if self.device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -473,7 +492,9 @@ class Trainer:
     def export(self):
         """Weights-only files for inference: model_final.pth (fp32) and, if asked, model_final_fp16.pth."""
         meta = {"iteration": self.iteration, "trained_with": "crm-d2 train",
-                "data": [str(s.get("root", s.get("type"))) for s in self.cfg["data"]["train"]]}
+                "data": [str(s.get("root", s.get("type"))) for s in self.cfg["data"]["train"]],
+                # the schedule it was validated with becomes the Refiner's default for it
+                "scales": self.cfg["val"]["scales"], "auto_base": int(self.cfg["val"]["auto_base"])}
         paths = [save_checkpoint(self.out / "model_final.pth", self.model, self.model_cfg, meta=meta)]
         if self.cfg["checkpoint"]["export_half"]:
             paths.append(save_checkpoint(self.out / "model_final_fp16.pth", self.model, self.model_cfg, meta=meta,
@@ -510,9 +531,23 @@ class Trainer:
         coarse = batch["coarse"].to(self.device, non_blocking=True)
         net = self.ddp or self.model
         self.model.train()
+        size = tuple(gt.shape[-2:])
+        x = normalize_input(image, coarse)
+        scales = self.cfg["data"]["input_scales"]
+        s = scales[torch.randint(len(scales), (1,)).item()] if len(scales) > 1 else scales[0]
+        if s != 1.0:  # as the Refiner resizes a stage's input (bilinear, align_corners)
+            x = F.interpolate(x, size=(round(size[0] * s), round(size[1] * s)), mode="bilinear", align_corners=True)
+        if self.cfg["solver"]["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        prior = coarse * 2 - 1 if self.model_cfg.mask_skip else None
+        samp = self.cfg["sampling"]
+        sample = draw_sample(len(gt), size, samp["tile"], samp["points"], device=self.device) if samp["points"] else None
         with torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext():
-            logits = net(normalize_input(image, coarse))
-        loss, parts = self.criterion(logits, gt)
+            out = net(x, out_size=size, prior=prior, sample=sample)
+        if sample is None:
+            loss, parts = self.criterion(out, gt)
+        else:
+            loss, parts = self.criterion.sampled(*out, gt, sample)
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss is {loss.item()} at iteration {self.iteration + 1}; lower solver.lr or "
                                "check the data")
@@ -600,7 +635,7 @@ class Trainer:
     def validate(self, full=False):
         """IoU / mBA (crm_d2.metrics) of coarse and refined masks on the held-out data, with the Refiner.
 
-        Periodic validations stop after val.max_items items; the final one (full=True) uses them all."""
+        Every validation, the final one (full=True) too, reads at most val.max_items items."""
         specs = self.cfg["data"]["val"]
         if not specs:
             return None
@@ -616,11 +651,12 @@ class Trainer:
                 with torch.random.fork_rng(devices=[]):
                     self._refiner = Refiner(None, device=self.device, scales=self.cfg["val"]["scales"],
                                             allow_random=True, config=self.model_cfg)
+                    self._refiner.auto_base = int(self.cfg["val"]["auto_base"])
             self._refiner.model.load_state_dict(self.model.state_dict())
             self._refiner.model.eval()
             items = build_items(specs, "val", self.cfg.get("_base_dir"), "keep")
             cap = int(self.cfg["val"]["max_items"] or 0)
-            if cap and not full and len(items) > cap:  # evenly spread, so that every source is represented
+            if cap and len(items) > cap:  # evenly spread, so that every source is represented
                 items = [items[i] for i in np.linspace(0, len(items) - 1, cap).round().astype(int)]
             metrics = RefinementMetrics()
             samples = val_samples(items, self._perturb("val_perturb"), seed=int(self.cfg["val"]["seed"]))

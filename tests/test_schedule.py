@@ -1,0 +1,105 @@
+"""The resolution-aware schedule ("auto"), the mask skip at inference, and the held-out evaluation command."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crm_d2.checkpoint import save_checkpoint
+from crm_d2.model import CRM, CRMConfig
+from crm_d2.refiner import DEFAULT_SCALES, Refiner, auto_scales, stage_scales
+from crm_d2.train.perturb import PerturbConfig, blob_perturb, lowres_protocol, mask_iou, perturb_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_auto_schedule_starts_near_the_training_resolution_and_doubles():
+    assert auto_scales(464) == (1.0,)  # a 400-px photo: one full-resolution stage
+    assert auto_scales(1088) == (0.5, 1.0)
+    assert auto_scales(2112) == (0.25, 0.5, 1.0)
+    assert auto_scales(3904) == DEFAULT_SCALES  # 4K: the released ratios
+    assert auto_scales(1088, base=256) == (0.25, 0.5, 1.0)
+    assert stage_scales("auto", (1000, 2112), None) == (0.25, 0.5, 1.0)
+    assert stage_scales("auto", (1000, 2112), max_side=528) == (0.25,)  # capped like any schedule
+
+
+def _skip_checkpoint(tmp_path, meta):
+    torch.manual_seed(0)
+    model = CRM(CRMConfig(layers=(1, 1, 1), width=8, mask_skip=True))
+    with torch.no_grad():  # the decoder says 0 everywhere: the output is the skip alone
+        model.imnet.layers[-1].weight.zero_()
+        model.imnet.layers[-1].bias.zero_()
+        model.mask_gain.fill_(2.5)
+    return save_checkpoint(tmp_path / "skip.pth", model, meta=meta)
+
+
+def test_checkpoint_carries_its_schedule_rule(tmp_path):
+    path = _skip_checkpoint(tmp_path, {"scales": "auto", "auto_base": 128})
+    refiner = Refiner(str(path), device="cpu")
+    assert refiner.scales == "auto" and refiner.auto_base == 128
+    refiner.profile = []
+    image = np.zeros((200, 150, 3), np.uint8)
+    refiner.refine(image, np.ones((200, 150), np.float32) * 0.7)
+    assert [p["scale"] for p in refiner.profile] == [0.5, 1.0]  # 264 px padded, base 128: 0.5 then 1.0
+    assert Refiner(str(path), device="cpu", scales=[1.0]).scales == (1.0,)  # an explicit schedule wins
+    released = {f"module.{k}": v for k, v in CRM(CRMConfig(layers=(1, 1, 1), width=8)).state_dict().items()}
+    torch.save(released, tmp_path / "model_45705")
+    assert Refiner(str(tmp_path / "model_45705"), device="cpu").scales == DEFAULT_SCALES  # the authors' file
+    with pytest.raises(ValueError, match="auto"):
+        Refiner(str(path), device="cpu", scales="fast")
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_mask_skip_passes_the_mask_through_every_stage(tmp_path, mode):
+    path = _skip_checkpoint(tmp_path, {"scales": [0.5, 1.0]})
+    refiner = Refiner(str(path), device="cpu", mode=mode)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (96, 128, 3)).astype(np.uint8)
+    mask = np.zeros((96, 128), np.float32)
+    mask[20:70, 30:100] = 1
+    prob = refiner.refine(image, mask)
+    # two stages, each p = sigmoid(2.5 * (2 m - 1)) of the previous one, at the same pixels
+    expect = mask
+    for _ in range(2):
+        expect = 1 / (1 + np.exp(-2.5 * (2 * expect - 1)))
+    assert np.abs(prob - expect).max() < 2e-3  # the half-scale stage's own grid blurs the mask a little
+    assert np.abs(prob[40:50, 50:80] - expect[40:50, 50:80]).max() < 1e-5
+
+
+def test_lowres_protocol_and_new_perturbations():
+    gt = np.zeros((128, 160), np.uint8)
+    gt[30:100, 40:130] = 255
+    gt[60:64, 10:150] = 255  # a thin bar that a 16x segmenter loses
+    c4, c16 = lowres_protocol(gt, 4), lowres_protocol(gt, 16)
+    assert set(np.unique(c16)) <= {0, 255} and np.array_equal(c4, lowres_protocol(gt, 4))  # fixed, binary
+    assert mask_iou(c4, gt) > mask_iou(c16, gt) > 0.8
+    rng = np.random.default_rng
+    fine = [perturb_mask(gt, rng(i), PerturbConfig(fine_prob=1.0)) for i in range(10)]
+    ious = [mask_iou(f > 127, gt) for f in fine]  # nearly perfect (a blur may thin the 4-px bar): to be kept
+    assert min(ious) > 0.9 and np.mean(ious) > 0.95
+    blobs = [blob_perturb(gt, rng(i)) for i in range(10)]
+    assert all(not np.array_equal(b, gt) for b in blobs) and all(set(np.unique(b)) <= {0, 255} for b in blobs)
+    with pytest.raises(ValueError, match="fine_prob"):
+        PerturbConfig.from_dict({"fine_prob": 2})
+
+
+def test_heldout_eval_command(tmp_path):
+    from crm_d2.train.synthetic import write_pairs_folder
+
+    for src in ("ecssd", "pascal-s"):
+        write_pairs_folder(tmp_path / "data" / src, 12, size=(72, 96), seed=len(src))
+    model = CRM(CRMConfig(layers=(1, 1, 1), width=8, mask_skip=True))
+    weights = save_checkpoint(tmp_path / "m.pth", model, meta={"scales": "auto"})
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "heldout_eval.py"), "--weights", str(weights),
+                          "--data", str(tmp_path / "data"), "--every", "1", "--recipes", "8x", "polygon",
+                          "--json", str(tmp_path / "r.json"), "--write-big", str(tmp_path / "big"),
+                          "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| 8x | all | 4 |" in out.stdout  # every 10th of 12 pairs in each of two sources: 2 + 2
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["photos"] == 4 and set(res["results"]) == {"8x", "polygon"}
+    assert set(res["results"]["8x"]) == {"all", "ecssd", "pascal-s"}
+    assert len(list((tmp_path / "big" / "8x").glob("*_seg.png"))) == 4  # a BIG folder for crm-d2 refine/eval

@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Judge a CRM model on real held-out photos: IoU / mBA of the coarse and the refined masks, per coarse recipe.
+
+    python tools/heldout_eval.py --weights demo                     # every default, 84 held-out photos
+    python tools/heldout_eval.py --weights W.pth --scales 0.5 1.0 --every 1 --json out.json
+    python tools/heldout_eval.py --weights demo --regions --upscale 2048 --recipes 8x   # 2K, many ROIs
+    python tools/heldout_eval.py --weights demo --write-big heldout_big/   # BIG folders for crm-d2 refine/eval
+
+The photos are the held-out split of ../shared/data/crm-train that the training configs never read (every 10th
+item of each source, sorted by name; `--every 3` takes every 3rd of those, 84 photos). Coarse masks:
+`Nx` = the GT seen by an N-times lower-resolution segmenter (`lowres_protocol`: INTER_AREA down, INTER_LINEAR
+up, threshold 127); `polygon` = the released training recipe (CascadePSP's), seeded per photo. Refined masks
+are binarised as `crm-d2 eval` does (p > 0.5). `--regions` scores every CCP label region (hair, face, each
+garment) as its own mask, refined together in ROI mode as the panoptic path does; `--upscale L` scales photos
+(bicubic) and masks (soft, then 0.5) to a long side of L first ("upscaled photos": there is no real 2K data).
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from crm_d2.io import atomic_write, read_image, read_mask, write_image, write_png
+from crm_d2.metrics import RefinementMetrics
+from crm_d2.refiner import Refiner
+from crm_d2.train.data import build_items
+from crm_d2.train.perturb import lowres_protocol, polygon_perturb
+
+SOURCES = ("ecssd", "pascal-s", "ccp")
+RECIPES = ("4x", "8x", "16x", "polygon")
+MIN_REGION = 0.002  # --regions: label regions smaller than this share of the image are not scored
+
+
+def heldout_items(root, every=3):
+    specs = [{"type": "pairs", "root": str(Path(root) / s), "holdout_every": 10} for s in SOURCES
+             if (Path(root) / s).is_dir()]
+    if not specs:
+        raise FileNotFoundError(f"no {'/'.join(SOURCES)} folders in {root}")
+    items = build_items(specs, "val")
+    return items[::every]
+
+
+def coarse_mask(gt, recipe, seed):
+    if recipe == "polygon":
+        return polygon_perturb(gt, np.random.default_rng([seed, 0xC0A]))
+    if not recipe.endswith("x"):
+        raise ValueError(f"unknown recipe {recipe!r}: use Nx (e.g. 8x) or polygon")
+    return lowres_protocol(gt, float(recipe[:-1]))
+
+
+def upscale(image, masks, long_side):
+    h, w = image.shape[:2]
+    k = long_side / max(h, w)
+    size = (round(w * k), round(h * k))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
+    masks = [np.where(cv2.resize((m > 127).astype(np.float32), size, interpolation=cv2.INTER_LINEAR) >= 0.5,
+                      255, 0).astype(np.uint8) for m in masks]
+    return image, masks
+
+
+def region_masks(item):
+    """The CCP label map's regions (label > 0) as 0/255 masks; the silhouette for other sources."""
+    labels = item.mask.parent.parent / "labels" / item.mask.name
+    if not labels.exists():
+        return [read_mask(item.mask)]
+    lab = read_mask(labels)
+    return [np.where(lab == v, 255, 0).astype(np.uint8) for v in np.unique(lab) if v != 0
+            and np.count_nonzero(lab == v) >= MIN_REGION * lab.size]
+
+
+def evaluate(refiner, items, recipes, regions=False, upscale_to=None, write_big=None, scales=None):
+    """{recipe: {"all": summary, source: summary}} of coarse vs refined IoU/mBA (percent)."""
+    meters = {r: {"all": RefinementMetrics()} for r in recipes}
+    for k, item in enumerate(tqdm(items, desc="held-out", unit="photo", file=sys.stderr)):
+        image = read_image(item.image)
+        gts = region_masks(item) if regions else [read_mask(item.mask)]
+        if upscale_to:
+            image, gts = upscale(image, gts, upscale_to)
+        gts = [g for g in gts if g.any()]
+        if not gts:
+            continue
+        source = item.name.split("/")[0]
+        for recipe in recipes:
+            coarse = [coarse_mask(g, recipe, k) for g in gts]
+            probs = refiner.refine_batch(image, coarse, roi=regions, scales=scales, output="prob")
+            for j, (g, c, p) in enumerate(zip(gts, coarse, probs)):
+                name = f"{item.name.replace('/', '_')}" + (f"_r{j}" if regions else "")
+                for key in ("all", source):
+                    meters[recipe].setdefault(key, RefinementMetrics()).update(p, g, c, name=name)
+                if write_big:
+                    folder = Path(write_big) / recipe
+                    folder.mkdir(parents=True, exist_ok=True)
+                    write_png(folder / f"{name}_gt.png", g, rgb=False)
+                    write_png(folder / f"{name}_seg.png", c, rgb=False)
+                    if not (folder / f"{name}_im.jpg").exists():
+                        write_image(folder / f"{name}_im.jpg", image)
+    return {r: {key: m.summary() for key, m in ms.items()} for r, ms in meters.items()}
+
+
+def table(results, title=""):
+    f = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
+    lines = [title, "", "| coarse | subset | n | coarse IoU | coarse mBA | refined IoU | refined mBA | dIoU | dmBA |",
+             "|---|---|---|---|---|---|---|---|---|"] if title else []
+    for recipe, parts in results.items():
+        for key, s in parts.items():
+            d_iou, d_mba = s["iou"] - s["coarse_iou"], s["mba"] - s["coarse_mba"]
+            bold = "**" if key == "all" else ""
+            lines.append(f"| {recipe} | {key} | {s['n']} | {f(s['coarse_iou'])} | {f(s['coarse_mba'])} | "
+                         f"{bold}{f(s['iou'])}{bold} | {bold}{f(s['mba'])}{bold} | {d_iou:+.2f} | {d_mba:+.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", default="demo", help="'demo', a crm_d2 checkpoint or the authors' file")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/crm-train"),
+                   help="the crm-train folder")
+    p.add_argument("--every", type=int, default=3, help="take every N-th held-out photo (1 = all 251)")
+    p.add_argument("--limit", type=int, default=0, help="at most this many photos (0 = no limit)")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), help="coarse recipes: Nx and/or polygon")
+    p.add_argument("--scales", nargs="+", default=None,
+                   help="schedule: numbers or 'auto' (default: the model's own, as Refiner() does)")
+    p.add_argument("--regions", action="store_true", help="score CCP label regions, refined in ROI mode")
+    p.add_argument("--upscale", type=int, default=None, help="scale photos to this long side first")
+    p.add_argument("--fast", action="store_true", help="fast mode")
+    p.add_argument("--device", default=None)
+    p.add_argument("--write-big", default=None, help="also write BIG-layout folders (one per recipe)")
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    scales = None
+    if args.scales:
+        scales = "auto" if args.scales == ["auto"] else [float(s) for s in args.scales]
+    refiner = Refiner(args.weights, device=args.device, mode="fast" if args.fast else "exact")
+    items = heldout_items(args.data, args.every)
+    if args.regions:
+        items = [it for it in items if it.name.startswith("ccp/")]
+    if args.limit:
+        items = items[: args.limit]
+    t0 = time.perf_counter()
+    results = evaluate(refiner, items, args.recipes, args.regions, args.upscale, args.write_big, scales)
+    took = time.perf_counter() - t0
+    what = (f"weights {args.weights}, scales {scales or refiner.scales}, {len(items)} held-out photos"
+            f"{', CCP regions in ROI mode' if args.regions else ''}"
+            f"{f', upscaled to {args.upscale} px' if args.upscale else ''}{', fast mode' if args.fast else ''}")
+    print(table(results, f"Held-out IoU / mBA (percent), {what}; {took:.0f} s"))
+    if args.json:
+        out = {"weights": str(args.weights), "scales": scales or refiner.scales, "photos": len(items),
+               "regions": args.regions, "upscale": args.upscale, "fast": args.fast, "seconds": took,
+               "results": results}
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
