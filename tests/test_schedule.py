@@ -96,10 +96,13 @@ def test_heldout_eval_command(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "heldout_eval.py"), "--weights", str(weights),
                           "--data", str(tmp_path / "data"), "--every", "1", "--recipes", "8x", "polygon",
                           "--json", str(tmp_path / "r.json"), "--write-big", str(tmp_path / "big"),
-                          "--threads", "1"], capture_output=True, text=True, timeout=300)
+                          "--threads", "1", "--pictures", str(tmp_path / "pics"), "--picture-names", "ecssd/syn0000"],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "| 8x | all | 4 |" in out.stdout  # every 10th of 12 pairs in each of two sources: 2 + 2
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["photos"] == 4 and set(res["results"]) == {"8x", "polygon"}
     assert set(res["results"]["8x"]) == {"all", "ecssd", "pascal-s"}
     assert len(list((tmp_path / "big" / "8x").glob("*_seg.png"))) == 4  # a BIG folder for crm-d2 refine/eval
+    assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["ecssd_syn0000_8x.png",
+                                                                      "ecssd_syn0000_polygon.png"]

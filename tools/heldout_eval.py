@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from crm_d2.io import atomic_write, read_image, read_mask, write_image, write_png
 from crm_d2.metrics import RefinementMetrics
+from crm_d2.pictures import side_by_side
 from crm_d2.refiner import Refiner
 from crm_d2.train.data import build_items
 from crm_d2.train.perturb import lowres_protocol, polygon_perturb
@@ -73,8 +74,10 @@ def region_masks(item):
             and np.count_nonzero(lab == v) >= MIN_REGION * lab.size]
 
 
-def evaluate(refiner, items, recipes, regions=False, upscale_to=None, write_big=None, scales=None):
-    """{recipe: {"all": summary, source: summary}} of coarse vs refined IoU/mBA (percent)."""
+def evaluate(refiner, items, recipes, regions=False, upscale_to=None, write_big=None, scales=None,
+             pictures=None, picture_names=()):
+    """{recipe: {"all": summary, source: summary}} of coarse vs refined IoU/mBA (percent). `pictures`: a folder
+    for image | coarse | CRM | ground truth pictures of the photos named in `picture_names` (e.g. ccp/0011)."""
     meters = {r: {"all": RefinementMetrics()} for r in recipes}
     for k, item in enumerate(tqdm(items, desc="held-out", unit="photo", file=sys.stderr)):
         image = read_image(item.image)
@@ -88,6 +91,10 @@ def evaluate(refiner, items, recipes, regions=False, upscale_to=None, write_big=
         for recipe in recipes:
             coarse = [coarse_mask(g, recipe, k) for g in gts]
             probs = refiner.refine_batch(image, coarse, roi=regions, scales=scales, output="prob")
+            if pictures and item.name in picture_names:
+                write_png(Path(pictures) / f"{item.name.replace('/', '_')}_{recipe}.png",
+                          side_by_side(image, [_panel(f"coarse {recipe}", coarse), _panel("CRM", probs),
+                                               _panel("ground truth", gts)]))
             for j, (g, c, p) in enumerate(zip(gts, coarse, probs)):
                 name = f"{item.name.replace('/', '_')}" + (f"_r{j}" if regions else "")
                 for key in ("all", source):
@@ -100,6 +107,13 @@ def evaluate(refiner, items, recipes, regions=False, upscale_to=None, write_big=
                     if not (folder / f"{name}_im.jpg").exists():
                         write_image(folder / f"{name}_im.jpg", image)
     return {r: {key: m.summary() for key, m in ms.items()} for r, ms in meters.items()}
+
+
+def _panel(title, masks):
+    ids = np.zeros(masks[0].shape, np.int32)
+    for k, m in enumerate(masks):
+        ids[np.asarray(m) > (0.5 if np.asarray(m).dtype.kind == "f" else 127)] = k + 1
+    return title, ids, [{"id": k + 1, "category_id": k + 1} for k in range(len(masks))]
 
 
 def table(results, title=""):
@@ -132,6 +146,8 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--write-big", default=None, help="also write BIG-layout folders (one per recipe)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--pictures", default=None, help="write image | coarse | CRM | ground truth PNGs here")
+    p.add_argument("--picture-names", nargs="+", default=[], help="photos to draw, e.g. ccp/0011")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
@@ -148,7 +164,8 @@ def main(argv=None):
     if args.limit:
         items = items[: args.limit]
     t0 = time.perf_counter()
-    results = evaluate(refiner, items, args.recipes, args.regions, args.upscale, args.write_big, scales)
+    results = evaluate(refiner, items, args.recipes, args.regions, args.upscale, args.write_big, scales,
+                       args.pictures, set(args.picture_names))
     took = time.perf_counter() - t0
     what = (f"weights {args.weights}, scales {scales or refiner.scales}, {len(items)} held-out photos"
             f"{', CCP regions in ROI mode' if args.regions else ''}"
