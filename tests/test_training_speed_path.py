@@ -124,3 +124,22 @@ def test_sampling_config_is_validated(tmp_path):
         _cfg(tmp_path, "sampling={points: 64, tile: 0}")
     with pytest.raises(ValueError, match="input_scales"):
         _cfg(tmp_path, "data.input_scales=[2.0]")
+
+
+def test_train_speed_tool_measures_both_parts(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "c.yaml").write_text(
+        "model: {preset: tiny, mask_skip: true}\n"
+        "data: {train: [{type: synthetic, count: 4, size: 40, seed: 1}], crop_size: 32, input_scales: [1.0, 0.5]}\n"
+        "sampling: {points: 32, tile: 16}\nsolver: {batch_size: 2}\n")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "train_speed.py"
+    out = subprocess.run([sys.executable, str(tool), "--config", str(tmp_path / "c.yaml"), "--threads", "1",
+                          "--steps", "2", "--warmup", "1", "--samples", "4", "--json", "--dense"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["batch"] == 2 and row["crop"] == 32 and row["model_samples_per_s"] > 0 and row["load_samples_per_s"] > 0

@@ -5,8 +5,8 @@
     python tools/train_speed.py --config configs/crm_demo.yaml --dense   # the released recipe's decoding
 
 The model step (forward, loss, backward, Adam) runs on batches drawn once from the config's data (so loading
-does not count), median of --steps after --warmup; loading is the dataset's __getitem__ (crop, jitter, coarse
-mask synthesis) in this process. Keep the machine otherwise idle: a loaded 2-core CPU makes these figures lie.
+does not count), mean of --steps after --warmup (steps differ by the input scale drawn); loading is the
+dataset's __getitem__ (crop, jitter, coarse mask synthesis) in this process. Keep the machine otherwise idle: a loaded 2-core CPU makes these figures lie.
 """
 import argparse
 import json
@@ -34,7 +34,7 @@ def measure(config, overrides, threads, steps, warmup, samples):
             t = time.perf_counter()
             trainer.step(batches[k % len(batches)])
             times.append(time.perf_counter() - t)
-        step = statistics.median(times[warmup:])
+        step = statistics.mean(times[warmup:])  # the mean: steps differ by the input scale drawn
         dataset = loader.dataset
         t = time.perf_counter()
         for k in range(samples):
