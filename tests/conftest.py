@@ -79,6 +79,16 @@ def randomize_model(model, seed=0, mlp_gain=4.0):
     return model.eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Many small ops (training steps, tiny images): on the shared 2-core CPU one thread is several times faster
+    than two. Test modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(name="randomize_model")
 def randomize_model_fixture():
     """`randomize_model` for test modules (which cannot import conftest reliably)."""

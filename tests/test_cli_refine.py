@@ -10,13 +10,7 @@ from crm_d2.cli import main
 from test_checkpoint import released_state_dict
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny images: one thread is much faster than two on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -15,13 +15,7 @@ from crm_d2.train.synthetic import make_scene, write_big_folder, write_pairs_fol
 from crm_d2.train.trainer import Trainer, load_config, load_imagenet_encoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training steps are many small ops: on the shared CPU one thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

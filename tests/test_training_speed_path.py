@@ -4,17 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from crm_d2.model import CRM, CRMConfig, QuerySample, make_coord
+from crm_d2.model import CRM, CRMConfig, QuerySample
 from crm_d2.train.losses import CRMLoss, draw_sample
 from crm_d2.train.trainer import Trainer, load_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def skip_model(seed=0):
