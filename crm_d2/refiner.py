@@ -159,7 +159,7 @@ class Refiner:
             self.model = load_model(weights, self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        # A checkpoint may say which schedule it was validated with (the small demo model: full scale only).
+        # A checkpoint may say which schedule it was validated with (the demo model: "auto" from 1024 px).
         meta = getattr(self.model, "meta", {})
         scales = scales or meta.get("scales") or DEFAULT_SCALES
         self.scales = self._check_scales(scales)
