@@ -378,15 +378,28 @@ class CRM(nn.Module):
         """
         Hl, Wl = proj.shape[1:3]
         Hf, Wf = feat_grid or (Hl, Wl)
-        first = self.imnet.layers[0]
-        # first-layer columns after the feature: rel y, rel x, coord y, coord x, cell y, cell x
-        wpos = first.weight[:, self.cfg.feat_dim :].to(proj.dtype)
-        const = first.bias + wpos[:, 4] * (cell[0] * Hf) + wpos[:, 5] * (cell[1] * Wf)
+        wpos, const = self._position_weights(proj.dtype, cell, (Hf, Wf))
         iy, ry = axis_neighbours(qy, Hf, offset[0], Hl)
         ix, rx = axis_neighbours(qx, Wf, offset[1], Wl)
         row_term = ry[..., None] * wpos[:, 0] + (qy[:, None] * wpos[:, 2] + const)[None]
         col_term = rx[..., None] * wpos[:, 1] + (qx[:, None] * wpos[:, 3])[None]
         return (iy, row_term, ry.abs()), (ix, col_term, rx.abs())
+
+    def _position_weights(self, dtype, cell, feat_grid):
+        """The first MLP layer's columns after the feature (rel y, rel x, coord y, coord x, cell y, cell x), and
+        its bias plus the cell term, which is the same for every query of a grid."""
+        first = self.imnet.layers[0]
+        wpos = first.weight[:, self.cfg.feat_dim :].to(dtype)
+        return wpos, first.bias + wpos[:, 4] * (cell[0] * feat_grid[0]) + wpos[:, 5] * (cell[1] * feat_grid[1])
+
+    @staticmethod
+    def _blend(logits, weights):
+        """LIIF's local ensemble: each neighbour's logit weighted by the area of the diagonally opposite one."""
+        total = weights[0] + weights[1] + weights[2] + weights[3]
+        out = 0
+        for k in range(4):
+            out = out + logits[k] * (weights[3 - k] / total)
+        return out
 
     def ensemble(self, proj, rows, cols):
         """B x R x C logits: the MLP on each of the 4 neighbours, blended by opposite areas (on logits).
@@ -408,11 +421,7 @@ class CRM(nn.Module):
             h += col_term[b][None, None]
             logits.append(self._mlp_tail(h))
             weights.append(area_y[a][:, None] * area_x[b][None] + 1e-9)
-        total = weights[0] + weights[1] + weights[2] + weights[3]
-        out = 0
-        for k in range(4):  # each neighbour is weighted by the area of the diagonally opposite one
-            out = out + logits[k] * (weights[3 - k] / total)
-        return out
+        return self._blend(logits, weights)
 
     def _mlp_tail(self, h):
         layers = self.imnet.layers
@@ -427,9 +436,7 @@ class CRM(nn.Module):
         """Logits at B x N scattered query points (qy, qx: B x N coordinates in (-1, 1)), for training losses
         that need only a sample of the pixels. Same maths as `decode` (which works on row x column grids)."""
         B, Hf, Wf, C = proj.shape
-        first = self.imnet.layers[0]
-        wpos = first.weight[:, self.cfg.feat_dim :].to(proj.dtype)
-        const = first.bias + wpos[:, 4] * (cell[0] * Hf) + wpos[:, 5] * (cell[1] * Wf)
+        wpos, const = self._position_weights(proj.dtype, cell, (Hf, Wf))
         iy, ry = (t.view(2, B, -1) for t in axis_neighbours(qy.reshape(-1), Hf))
         ix, rx = (t.view(2, B, -1) for t in axis_neighbours(qx.reshape(-1), Wf))
         pos = qy[..., None] * wpos[:, 2] + qx[..., None] * wpos[:, 3] + const
@@ -441,8 +448,7 @@ class CRM(nn.Module):
             h = h + ry[a][..., None] * wpos[:, 0] + rx[b][..., None] * wpos[:, 1] + pos
             logits.append(self._mlp_tail(h))
             weights.append(ry[a].abs() * rx[b].abs() + 1e-9)
-        total = weights[0] + weights[1] + weights[2] + weights[3]
-        return sum(logits[k] * (weights[3 - k] / total) for k in range(4))
+        return self._blend(logits, weights)
 
     def forward(self, x, out_size=None, prior=None, sample=None):
         """Training use: logits Bx1xHxW for every pixel of out_size (default: the input's size).

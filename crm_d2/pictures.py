@@ -51,6 +51,10 @@ def side_by_side(image, panels):
     return np.concatenate(tiles[:-1], axis=1)
 
 
-def mask_panel(title, mask):
-    """A binary mask as a side_by_side panel: one tinted segment (an empty mask shows the plain image)."""
-    return title, np.asarray(mask, bool).astype(np.uint8), [{"id": 1, "category_id": 1}]
+def mask_panel(title, *masks):
+    """One or more binary masks as a side_by_side panel, each tinted in its own colour (an empty mask shows the
+    plain image)."""
+    ids = np.zeros(np.shape(masks[0]), np.int32)
+    for k, m in enumerate(masks):
+        ids[np.asarray(m, bool)] = k + 1
+    return title, ids, [{"id": k + 1, "category_id": k + 1} for k in range(len(masks))]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from crm_d2.io import atomic_write, read_image, read_mask, write_image, write_png
 from crm_d2.metrics import RefinementMetrics
-from crm_d2.pictures import side_by_side
+from crm_d2.pictures import mask_panel, side_by_side
 from crm_d2.refiner import Refiner
 from crm_d2.train.data import build_items
 from crm_d2.train.perturb import lowres_protocol, polygon_perturb
@@ -93,8 +93,9 @@ def evaluate(refiner, items, recipes, regions=False, upscale_to=None, write_big=
             probs = refiner.refine_batch(image, coarse, roi=regions, scales=scales, output="prob")
             if pictures and item.name in picture_names:
                 write_png(Path(pictures) / f"{item.name.replace('/', '_')}_{recipe}.png",
-                          side_by_side(image, [_panel(f"coarse {recipe}", coarse), _panel("CRM", probs),
-                                               _panel("ground truth", gts)]))
+                          side_by_side(image, [mask_panel(f"coarse {recipe}", *(c > 127 for c in coarse)),
+                                               mask_panel("CRM", *(p > 0.5 for p in probs)),
+                                               mask_panel("ground truth", *(g > 127 for g in gts))]))
             for j, (g, c, p) in enumerate(zip(gts, coarse, probs)):
                 name = f"{item.name.replace('/', '_')}" + (f"_r{j}" if regions else "")
                 for key in ("all", source):
@@ -107,13 +108,6 @@ def evaluate(refiner, items, recipes, regions=False, upscale_to=None, write_big=
                     if not (folder / f"{name}_im.jpg").exists():
                         write_image(folder / f"{name}_im.jpg", image)
     return {r: {key: m.summary() for key, m in ms.items()} for r, ms in meters.items()}
-
-
-def _panel(title, masks):
-    ids = np.zeros(masks[0].shape, np.int32)
-    for k, m in enumerate(masks):
-        ids[np.asarray(m) > (0.5 if np.asarray(m).dtype.kind == "f" else 127)] = k + 1
-    return title, ids, [{"id": k + 1, "category_id": k + 1} for k in range(len(masks))]
 
 
 def table(results, title=""):

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
 from crm_d2.checkpoint import load_checkpoint, load_state, save_checkpoint
 from crm_d2.model import CRM, CRMConfig, normalize_input
+from crm_d2.refiner import resize
 from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, val_samples
 from crm_d2.train.losses import CRMLoss, draw_sample
 from crm_d2.train.perturb import PerturbConfig
@@ -535,8 +535,7 @@ class Trainer:
         x = normalize_input(image, coarse)
         scales = self.cfg["data"]["input_scales"]
         s = scales[torch.randint(len(scales), (1,)).item()] if len(scales) > 1 else scales[0]
-        if s != 1.0:  # as the Refiner resizes a stage's input (bilinear, align_corners)
-            x = F.interpolate(x, size=(round(size[0] * s), round(size[1] * s)), mode="bilinear", align_corners=True)
+        x = resize(x, (round(size[0] * s), round(size[1] * s)))  # as the Refiner resizes a stage's input
         if self.cfg["solver"]["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         prior = coarse * 2 - 1 if self.model_cfg.mask_skip else None
