@@ -19,6 +19,7 @@ PAD = 32
 DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)  # the release's schedule (and the authors' checkpoint's)
 AUTO_BASE = 512  # "auto" schedule: the first stage's long side, about what a checkpoint was trained on
 OUTPUTS = ("prob", "binary", "uint8")
+ROI_MIN_STAGE_SIDE = 96  # ROI mode: schedule stages below this input long side (with the padding) are skipped
 CPU_CHUNK_QUERIES = 16384  # decoder queries per step on CPU: keeps the 32-d working set in L2
 BAND_BLOCK = 32  # fast mode decodes the band in strips of this many encoder-grid rows
 
@@ -105,14 +106,19 @@ def auto_scales(long_side, base=AUTO_BASE):
     return tuple(2.0 ** -i for i in range(k, -1, -1))
 
 
-def stage_scales(scales, padded_shape, max_side=None, base=AUTO_BASE):
+def stage_scales(scales, padded_shape, max_side=None, base=AUTO_BASE, min_side=None):
     """Encoder scales for one input: "auto" is resolved on the input's size (`auto_scales`); `max_side` caps
     the encoder's input long side (decoding stays at full resolution, which is what makes the cap cheap);
-    consecutive duplicates after capping are run once."""
+    consecutive duplicates after capping are run once. `min_side` drops the leading stages whose input long
+    side would be below it (the last stage always runs): the released ratios start at 1/8, which for a 100-px
+    segment is a 20-px encoder input that costs a full-resolution decode and carries no information."""
     if isinstance(scales, str):
         scales = auto_scales(max(padded_shape), base)
+    scales = tuple(scales)
+    if min_side:
+        scales = tuple(s for s in scales[:-1] if s * max(padded_shape) >= min_side) + scales[-1:]
     if max_side is None:
-        return tuple(scales)
+        return scales
     cap = max_side / max(padded_shape)
     out = []
     for s in scales:
@@ -192,7 +198,8 @@ class Refiner:
         0..255) or float in [0, 1]; soft masks are used as they are, as in the release. Returns HxW:
         float32 probability (output="prob"), bool (output="binary", p > 0.5) or uint8 floor(255 p) ("uint8").
         roi=True refines only the mask's box plus `margin` (fraction of the box size) and keeps the coarse mask
-        outside it (the paper's CRM*); max_side caps the encoder's input long side.
+        outside it (the paper's CRM*); for a crop smaller than the image, schedule stages whose input would be
+        below ROI_MIN_STAGE_SIDE px are skipped (`stage_scales`). max_side caps the encoder's input long side.
         """
         return self.refine_batch(image, [mask], bgr=bgr, roi=roi, margin=margin, max_side=max_side,
                                  scales=scales, output=output)[0]
@@ -214,12 +221,14 @@ class Refiner:
                 if box is None or box.shape == image.shape[:2]:
                     box = RoiBox(0, image.shape[0], 0, image.shape[1])
                 groups.setdefault(box.shape, []).append((i, box))
-            for items in groups.values():
+            for shape, items in groups.items():
+                # a crop skips stages below a useful size; a whole-image "ROI" is refined as the whole image
+                min_side = None if shape == image.shape[:2] else ROI_MIN_STAGE_SIDE
                 for start in range(0, len(items), self.max_batch):
                     part = items[start : start + self.max_batch]
                     crops = torch.cat([img_t[..., b.y0 : b.y1, b.x0 : b.x1] for _, b in part])
                     crop_masks = np.stack([masks[i][b.slices] for i, b in part])
-                    out = self._run(crops, crop_masks, scales, max_side)
+                    out = self._run(crops, crop_masks, scales, max_side, min_side)
                     for (i, b), p in zip(part, out):
                         probs[i] = masks[i]
                         probs[i][b.slices] = p
@@ -230,12 +239,12 @@ class Refiner:
         return format_output(probs, output)
 
     # ------------------------------------------------------------------------------------------- engine
-    def _run(self, images, masks, scales, max_side):
+    def _run(self, images, masks, scales, max_side, min_side=None):
         run = self._refine_fast if self.mode == "fast" else self._refine_stack
-        return run(images, masks, scales, max_side)
+        return run(images, masks, scales, max_side, min_side)
 
     @torch.no_grad()
-    def _refine_stack(self, images, masks, scales, max_side=None):
+    def _refine_stack(self, images, masks, scales, max_side=None, min_side=None):
         """images: 1 or B x3xHxW uint8 tensor; masks: B x H x W float32 numpy in [0, 1] -> B x H x W probs.
 
         Per scale: resize once, encode once (the feature map is reused by every query chunk), project the
@@ -245,7 +254,7 @@ class Refiner:
         im, seg = self._padded_inputs(images, masks)
         Hp, Wp = seg.shape[-2:]
         prob = torch.empty(B, Hp, Wp, device=self.device)
-        for s in stage_scales(scales, (Hp, Wp), max_side, self.auto_base):
+        for s in stage_scales(scales, (Hp, Wp), max_side, self.auto_base, min_side):
             size = (round(Hp * s), round(Wp * s))
             im_s, seg_s = resize(im, size), resize(seg, size)
             t0 = self._clock()
@@ -319,7 +328,7 @@ class Refiner:
         return logits
 
     @torch.no_grad()
-    def _refine_fast(self, images, masks, scales, max_side=None):
+    def _refine_fast(self, images, masks, scales, max_side=None, min_side=None):
         """Fast mode: low scales decode only the points the next scale reads; from `band_from` on, only tiles
         that touch a band around the previous stage's boundary (or the coarse mask's, for a first stage) are
         encoded and decoded, the rest is the previous stage upsampled."""
@@ -327,7 +336,7 @@ class Refiner:
         im, seg = self._padded_inputs(images, masks)
         B, (Hp, Wp) = len(masks), seg.shape[-2:]
         cell = (2 / Hp, 2 / Wp)
-        stages = stage_scales(scales, (Hp, Wp), max_side, self.auto_base)
+        stages = stage_scales(scales, (Hp, Wp), max_side, self.auto_base, min_side)
         prev = None
         for i, s in enumerate(stages):
             E = (round(Hp * s), round(Wp * s))

@@ -245,17 +245,19 @@ def test_panoptic_fpn_same_pass(data, crm_weights, tmp_path):
         assert ids.dtype == base["panoptic_seg"][0].dtype and ids.shape == (h, w)
         by_id = {s["id"]: s for s in base["panoptic_seg"][1]}
         assert set(torch.unique(ids).tolist()) - {0} == {s["id"] for s in segs}
-        for s in segs:  # same segments (some may vanish), same keys and classes
+        assert [s["id"] for s in segs] == [s["id"] for s in base["panoptic_seg"][1]]  # no segment is lost
+        for s in segs:  # same segments, same keys and classes
             assert s.keys() == by_id[s["id"]].keys()
             assert {k: s[k] for k in ("category_id", "isthing")} == {k: by_id[s["id"]][k] for k in ("category_id",
                                                                                                       "isthing")}
             if "area" in s:
                 assert s["area"] == int((ids == s["id"]).sum())
         inst, base_inst = ref["instances"], base["instances"]
-        assert isinstance(inst, Instances) and inst.image_size == (h, w) and len(inst) <= len(base_inst)
+        assert isinstance(inst, Instances) and inst.image_size == (h, w) and len(inst) == len(base_inst)
         assert inst.pred_masks.dtype == torch.bool and inst.pred_masks.shape[1:] == (h, w)
-        assert inst.pred_masks.flatten(1).any(dim=1).all()  # instances refined to nothing are dropped
-        assert set(inst.scores.tolist()) <= set(base_inst.scores.tolist())
+        # no detection is lost: a mask refined to nothing keeps its base mask
+        assert torch.equal(inst.pred_masks.flatten(1).any(dim=1), _masks(base_inst).flatten(1).any(dim=1))
+        assert torch.equal(inst.scores, base_inst.scores)
         sem, base_sem = ref["sem_seg"], base["sem_seg"]
         assert sem.shape == base_sem.shape and sem.dtype == base_sem.dtype
         # refined semantic scores are the base scores with the refined class moved to the top
@@ -299,15 +301,12 @@ def test_mask_rcnn_same_pass_and_entity_ap(data, crm_weights, tmp_path):
         assert set(ref) == {"instances", BASE_OUTPUTS_KEY}
         assert inst.get_fields().keys() == base_inst.get_fields().keys()
         assert inst.pred_masks.dtype == torch.bool and inst.pred_masks.shape[1:] == (inp["height"], inp["width"])
-        kept = [i for i, m in enumerate(inst.pred_masks) if m.any()]
-        assert len(kept) == len(inst)  # instances refined to nothing are dropped
-        # only the masks are refined: the other fields are those of the base instances that remain
-        kept_base = [i for i, s in enumerate(base_inst.scores.tolist()) if s in set(inst.scores.tolist())]
-        assert len(kept_base) == len(inst)
+        assert len(inst) == len(base_inst)  # no detection is lost to refinement
+        # only the masks are refined: the other fields are the base instances'
         for k in ("pred_boxes", "scores", "pred_classes"):
             assert torch.equal(getattr(inst.get(k), "tensor", inst.get(k)),
-                               getattr(base_inst[kept_base].get(k), "tensor", base_inst[kept_base].get(k)))
-        changed += int(len(inst) != len(base_inst) or not torch.equal(inst.pred_masks, base_inst.pred_masks))
+                               getattr(base_inst.get(k), "tensor", base_inst.get(k)))
+        changed += int(not torch.equal(inst.pred_masks, base_inst.pred_masks))
     assert changed
 
     # per-class mask AP on the instances GT, and class-agnostic entity AP on the entity GT, both sides
@@ -324,9 +323,7 @@ def test_mask_rcnn_same_pass_and_entity_ap(data, crm_weights, tmp_path):
         assert set(results["crm/segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
         for side in ("base", "crm"):
             kept = json.loads((out / side / "instances_results.json").read_text())
-            assert 0 < len(kept) <= sum(len(b["instances"]) for _, b in base_runs)
-            if side == "base":
-                assert len(kept) == sum(len(b["instances"]) for _, b in base_runs)
+            assert len(kept) == sum(len(b["instances"]) for _, b in base_runs)
             assert {r["category_id"] for r in kept} <= ({1} if agnostic else thing_ids)
 
 
@@ -376,20 +373,163 @@ def test_config_errors(crm_weights):
             assert get_crm_cfg(str(CONFIGS / config)).MODEL.CRM.BASE_META_ARCHITECTURE
 
 
-def test_train_net_eval_only_cli(data, crm_weights, tmp_path):
-    """The README's command, on the generated dataset under the real dataset name, prints the table."""
-    out = tmp_path / "run"
+def _train_net(args, out, data, timeout=600):
     cmd = [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
-           str(CONFIGS / "PanopticFPN-R50-CRM.yaml"), "--eval-only", *PANOPTIC_TINY,
-           "MODEL.CRM.WEIGHTS", crm_weights, "OUTPUT_DIR", str(out)]
+           str(CONFIGS / "PanopticFPN-R50-CRM.yaml"), "--eval-only", *args, "OUTPUT_DIR", str(out)]
     env = dict(os.environ, DETECTRON2_DATASETS=str(data["root"]), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _panoptic_outputs(folder):
+    """{image_id: (ids, segments_info)} of a COCO panoptic predictions.json and its PNG folder."""
+    pred = load_panoptic(str(folder / "predictions.json"))
+    return {i: (pred.read_ids(a), a["segments_info"]) for i, a in pred.annotations.items()}
+
+
+def _assert_same_panoptic(a, b):
+    assert a.keys() == b.keys()
+    for i in a:
+        assert np.array_equal(a[i][0], b[i][0]), i
+        assert a[i][1] == b[i][1], i
+
+
+def test_train_net_eval_only_cli_one_and_two_processes(data, crm_weights, tmp_path):
+    """The README's command, on the generated dataset under the real dataset name, prints the table; with
+    `--num-gpus 2` (two CPU processes, gloo) the outputs and numbers are those of one process."""
+    # Base weights from a file: with MODEL.WEIGHTS "" every process (and every run) would draw its own.
+    torch.manual_seed(0)
+    base = tmp_path / "base_model.pth"
+    torch.save({"model": build_model(_cfg("PanopticFPN-R50-CRM.yaml", PANOPTIC_TINY + ["MODEL.CRM.ENABLED",
+                                                                                      "False"])).state_dict()}, base)
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"run{n}"
+        proc = _train_net(["--num-gpus", str(n), *PANOPTIC_TINY, "MODEL.WEIGHTS", str(base),
+                           "MODEL.CRM.WEIGHTS", crm_weights], out, data)
+        assert "without CRM" in proc.stdout and "panoptic_seg/PQ" in proc.stdout
+        inference = out / "inference" / "coco_2017_val_panoptic_crm"
+        for side in ("base", "crm"):
+            assert len(load_panoptic(str(inference / side / "predictions.json")).annotations) == 3
+        runs[n] = inference
+    assert (runs[2] / "crm_comparison.txt").read_text() == (runs[1] / "crm_comparison.txt").read_text()
+    assert json.loads((runs[2] / "crm_comparison.json").read_text()) == \
+        json.loads((runs[1] / "crm_comparison.json").read_text())
+    for side in ("base", "crm"):
+        _assert_same_panoptic(_panoptic_outputs(runs[1] / side), _panoptic_outputs(runs[2] / side))
+
+
+def _readme_block(marker):
+    """The bash block that follows `<!-- marker -->` in README.md."""
+    text = (REPO / "README.md").read_text()
+    assert f"<!-- {marker} -->" in text, f"README.md has no <!-- {marker} --> block"
+    return text.split(f"<!-- {marker} -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+
+
+def test_readme_offline_command_runs(tmp_path):
+    """The README's "try it without COCO" commands, as written (random base weights, no download), in a
+    scratch folder instead of /tmp/tiny: they run, print the table and write refined segments."""
+    block = _readme_block("d2-offline")
+    assert "/tmp/tiny" in block and "MODEL.WEIGHTS" in block
+    root = tmp_path / "tiny"
+    # `python` in the block is this interpreter (the one that has detectron2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", "-ec", block.replace("/tmp/tiny", str(root))], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "without CRM" in proc.stdout and "panoptic_seg/PQ" in proc.stdout
-    inference = out / "inference" / "coco_2017_val_panoptic_crm"
-    for side in ("base", "crm"):
-        assert len(load_panoptic(str(inference / side / "predictions.json")).annotations) == 3
-    assert (inference / "crm_comparison.txt").is_file()
+    inference = next(root.glob("**/inference/coco_2017_val_panoptic_crm"))
+    base, crm = _panoptic_outputs(inference / "base"), _panoptic_outputs(inference / "crm")
+    gt = json.loads((root / "coco" / "annotations" / "panoptic_val2017.json").read_text())
+    assert crm.keys() == base.keys() == {a["image_id"] for a in gt["annotations"]}
+    assert all(segs for _, segs in crm.values())  # random weights still give segments
+    assert any(not np.array_equal(base[i][0], crm[i][0]) for i in base)  # and CRM changed them
+
+
+def test_crm_off_keeps_the_output_layout(data, crm_weights, tmp_path):
+    """MODEL.CRM.ENABLED False: the same files, result keys and table as with CRM; the CRM side is the base's."""
+    name = data["names"]["panoptic"]
+    opts = PANOPTIC_TINY + ["DATASETS.TEST", f"('{name}',)", "MODEL.CRM.WEIGHTS", crm_weights]
+    results, files = {}, {}
+    for enabled in (True, False):
+        cfg = _cfg("PanopticFPN-R50-CRM.yaml", opts + ["MODEL.CRM.ENABLED", str(enabled)])
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        out = tmp_path / f"enabled_{enabled}"
+        with return_base_outputs(model):
+            results[enabled] = inference_on_dataset(model, build_detection_test_loader(cfg, name),
+                                                    build_crm_evaluator(cfg, name, str(out)))
+        files[enabled] = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert files[True] == files[False] and "crm_comparison.txt" in files[False]
+    assert results[True].keys() == results[False].keys() == {"base/panoptic_seg", "crm/panoptic_seg"}
+    assert results[False]["base/panoptic_seg"] == results[True]["base/panoptic_seg"]
+    assert results[False]["crm/panoptic_seg"] == results[False]["base/panoptic_seg"]
+    off = tmp_path / "enabled_False"
+    _assert_same_panoptic(_panoptic_outputs(off / "base"), _panoptic_outputs(off / "crm"))
+    assert json.loads((off / "crm_comparison.json").read_text())["crm_enabled"] is False
+
+
+def test_train_net_and_crm_d2_panoptic_refine_the_same_way_by_default(data, tmp_path):
+    """Same base predictions, every CRM setting left to its default in both: identical refined maps and PQ."""
+    from crm_d2.cli import main as crm_d2_cli
+
+    name = data["names"]["panoptic"]
+    no_crm_overrides = [v for i in range(0, len(PANOPTIC_TINY), 2) if not PANOPTIC_TINY[i].startswith("MODEL.CRM.")
+                        for v in PANOPTIC_TINY[i:i + 2]]
+    cfg = _cfg("PanopticFPN-R50-CRM.yaml", no_crm_overrides + ["DATASETS.TEST", f"('{name}',)",
+                                                                "MODEL.CRM.WEIGHTS", "demo"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    d2_out = tmp_path / "d2"
+    with return_base_outputs(model):
+        results = inference_on_dataset(model, build_detection_test_loader(cfg, name),
+                                       build_crm_evaluator(cfg, name, str(d2_out)))
+    cli_out = tmp_path / "cli"
+    assert crm_d2_cli(["panoptic", "--images", data["image_root"], "--weights", "demo",
+                       "--pred-json", str(d2_out / "base" / "predictions.json"),
+                       "--pred-dir", str(d2_out / "base" / "predictions"),
+                       "--gt-json", data["panoptic_json"], "--gt-dir", data["panoptic_root"],
+                       "-o", str(cli_out)]) == 0
+    d2 = _panoptic_outputs(d2_out / "crm")
+    cli = load_panoptic(str(cli_out / "panoptic.json"))
+    cli = {i: (cli.read_ids(a), a["segments_info"]) for i, a in cli.annotations.items()}
+    assert d2.keys() == cli.keys()
+    for i in d2:
+        assert np.array_equal(d2[i][0], cli[i][0]), i
+        assert [(s["id"], s["category_id"]) for s in d2[i][1]] == [(s["id"], s["category_id"]) for s in cli[i][1]]
+    base = _panoptic_outputs(d2_out / "base")
+    assert any(not np.array_equal(base[i][0], d2[i][0]) for i in base)  # refinement did something
+    pq = json.loads((cli_out / "pq.json").read_text())
+    assert pq["with_crm"]["all"]["pq"] == pytest.approx(results["crm/panoptic_seg"]["PQ"], abs=1e-9)
+    assert pq["without_crm"]["all"]["pq"] == pytest.approx(results["base/panoptic_seg"]["PQ"], abs=1e-9)
+
+
+class _EmptyRefiner:
+    """Refines every mask to nothing."""
+
+    def refine_batch(self, image, masks, **kwargs):
+        return np.zeros(np.asarray(masks).shape, np.float32)
+
+
+def test_drop_empty_decides_whether_emptied_detections_stay(data, crm_weights):
+    name = data["names"]["instances"]
+    # BAND 0: with a band the coarse mask would hold away from the boundary and nothing would come out empty
+    opts = TINY + ["DATASETS.TEST", f"('{name}',)", "MODEL.CRM.WEIGHTS", crm_weights, "MODEL.CRM.MIN_AREA", "1",
+                   "MODEL.CRM.BAND", "0.0"]
+    counts = {}
+    for drop in (False, True):
+        cfg = _cfg("MaskRCNN-R50-CRM.yaml", opts + ["MODEL.CRM.DROP_EMPTY", str(drop)])
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        object.__setattr__(model, "crm_refiner", _EmptyRefiner())
+        runs = _run(model, build_detection_test_loader(cfg, name))
+        counts[drop] = [(len(out["instances"]), len(out[BASE_OUTPUTS_KEY]["instances"])) for _, out in runs]
+        if not drop:
+            for _, out in runs:  # kept with their base masks
+                assert torch.equal(_masks(out["instances"]), _masks(out[BASE_OUTPUTS_KEY]["instances"]))
+    assert all(n == nb for n, nb in counts[False]) and sum(nb for _, nb in counts[False]) > 0
+    assert all(n == 0 for n, _ in counts[True])
 
 
 def test_no_detections(data, crm_weights, tmp_path):

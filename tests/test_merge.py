@@ -100,12 +100,26 @@ def test_void_stays_void_unless_a_segment_claims_it(rule):
 
 
 @pytest.mark.parametrize("rule", ["hybrid", "paste", "prob"])
-def test_vanished_segment_is_removed_and_json_agrees(rule):
+def test_a_lost_segment_gets_its_pixels_back_unless_told_to_drop_it(rule):
     ids, segs = scene()
     probs = coarse_probs(ids, segs)
     probs[3][:] = 0.0  # thing 4 refined to nothing
-    probs[1][5:9, 6:10] = 0.9  # its pixels go to stuff 2
+    probs[1][5:9, 6:10] = 0.9  # and stuff 2 claims its pixels
     out, kept = merge_segments(ids, segs, probs, rule=rule)
+    np.testing.assert_array_equal(out, ids)  # refinement does not decide which objects exist
+    assert [s["id"] for s in kept] == [1, 2, 3, 4]
+    # a thing that another thing swallows whole comes back too
+    probs = coarse_probs(ids, segs)
+    probs[2][2:9, 2:10] = 1.0
+    probs[3][:] = 0.4
+    out, kept = merge_segments(ids, segs, probs, rule=rule)
+    assert (out == 4).sum() == (ids == 4).sum() and [s["id"] for s in kept] == [1, 2, 3, 4]
+    assert check_segments(out, kept) == {s["id"]: s["area"] for s in kept}
+    # drop_empty's behaviour: removed, and PNG and JSON agree
+    probs = coarse_probs(ids, segs)
+    probs[3][:] = 0.0
+    probs[1][5:9, 6:10] = 0.9
+    out, kept = merge_segments(ids, segs, probs, rule=rule, keep_lost=False)
     assert 4 not in out and [s["id"] for s in kept] == [1, 2, 3]
     areas = check_segments(out, kept)
     assert all(areas[s["id"]] == s["area"] for s in kept)
@@ -118,8 +132,10 @@ def test_vanished_segment_without_claimant_keeps_pixels_by_default():
     out, kept = merge_segments(ids, segs, probs)  # nobody wants the pixels: they stay with thing 4
     assert DEFAULT_MERGE == "hybrid"
     np.testing.assert_array_equal(out, ids)
-    out, kept = merge_segments(ids, segs, probs, rule="hybrid-void")
+    out, kept = merge_segments(ids, segs, probs, rule="hybrid-void", keep_lost=False)
     assert 4 not in out and [s["id"] for s in kept] == [1, 2, 3]
+    out, kept = merge_segments(ids, segs, probs, rule="hybrid-void")  # kept: void only takes what is unclaimed
+    np.testing.assert_array_equal(out, ids)
 
 
 def test_perfect_refinement_recovers_ground_truth():

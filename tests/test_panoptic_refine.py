@@ -64,7 +64,7 @@ def test_selection_batching_and_options_reach_the_refiner():
     assert stub.calls[0]["scales"] is None  # None = the refiner's own scales (not passed)
 
 
-def test_isthing_from_categories_and_vanishing_segment_removed():
+def test_isthing_from_categories_and_vanishing_segment_kept_or_dropped():
     image, ids, segs = panoptic_scene()
     cats = {1: {"id": 1, "isthing": 0}, 2: {"id": 2, "isthing": 0}, 3: {"id": 3, "isthing": 1},
             4: {"id": 4, "isthing": 1}}
@@ -81,6 +81,10 @@ def test_isthing_from_categories_and_vanishing_segment_removed():
     stub = StubRefiner(drop_22_to_stuff)
     out, kept = refine_panoptic(stub, image, ids, bare, SegmentRefineOptions(merge="hybrid-nearest", band=None),
                                 categories=cats)
+    np.testing.assert_array_equal(out == 22, ids == 22)  # no detection is lost to refinement
+    assert [s["id"] for s in kept] == [s["id"] for s in segs]
+    out, kept = refine_panoptic(stub, image, ids, bare, SegmentRefineOptions(merge="hybrid-nearest", band=None,
+                                                                             drop_empty=True), categories=cats)
     assert 22 not in out and 22 not in [s["id"] for s in kept]
     assert check_segments(out, kept) == {s["id"]: s["area"] for s in kept}
     assert set(np.unique(out[20:40, 36:56]).tolist()) <= {7, 8}  # vacated: to the neighbouring stuff
@@ -159,6 +163,28 @@ def test_instances_overlap_allowed_and_independent():
     out = refine_instances(stub, image, masks, [0.9, 0.8, 0.7], SegmentRefineOptions(min_area=1),
                            select=[True, False, True])
     np.testing.assert_array_equal(out[1], masks[1])
+
+
+@pytest.mark.parametrize("non_overlapping", [False, True])
+def test_an_instance_refined_to_nothing_keeps_its_base_mask(non_overlapping):
+    image = np.zeros((48, 64, 3), np.uint8)
+    masks = instance_masks()
+    masks[1, 5:25, 5:25] = False  # no overlap (entities)
+
+    def empty_second(ms):
+        return np.stack([np.zeros_like(m) if (m == masks[1]).all() else m for m in ms]).astype(np.float32)
+
+    opts = dict(min_area=1, band=None)
+    out = refine_instances(StubRefiner(empty_second), image, masks, [0.9, 0.8, 0.7], SegmentRefineOptions(**opts),
+                           non_overlapping=non_overlapping)
+    np.testing.assert_array_equal(out, masks)
+    out = refine_instances(StubRefiner(empty_second), image, masks, [0.9, 0.8, 0.7],
+                           SegmentRefineOptions(drop_empty=True, **opts), non_overlapping=non_overlapping)
+    if non_overlapping:  # merged like panoptic things: pixels nobody claims stay with their mask
+        np.testing.assert_array_equal(out, masks)
+    else:
+        assert not out[1].any()
+        np.testing.assert_array_equal(out[[0, 2]], masks[[0, 2]])
 
 
 def test_entities_non_overlapping():

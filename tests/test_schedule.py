@@ -10,7 +10,7 @@ import torch
 
 from crm_d2.checkpoint import save_checkpoint
 from crm_d2.model import CRM, CRMConfig
-from crm_d2.refiner import DEFAULT_SCALES, Refiner, auto_scales, stage_scales
+from crm_d2.refiner import DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, Refiner, auto_scales, stage_scales
 from crm_d2.train.perturb import PerturbConfig, blob_perturb, lowres_protocol, mask_iou, perturb_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,25 @@ def test_auto_schedule_starts_near_the_training_resolution_and_doubles():
     assert auto_scales(1088, base=256) == (0.25, 0.5, 1.0)
     assert stage_scales("auto", (1000, 2112), None) == (0.25, 0.5, 1.0)
     assert stage_scales("auto", (1000, 2112), max_side=528) == (0.25,)  # capped like any schedule
+
+
+def test_stages_below_a_useful_size_are_skipped_in_roi_mode():
+    assert stage_scales(DEFAULT_SCALES, (264, 200), min_side=96) == (0.5, 1.0)  # 33 and 66 px: skipped
+    assert stage_scales(DEFAULT_SCALES, (4064, 6064), min_side=96) == DEFAULT_SCALES
+    assert stage_scales(DEFAULT_SCALES, (64, 64), min_side=96) == (1.0,)  # the last stage always runs
+    # through refine_batch: a small segment's ROI runs fewer stages than the whole image does
+    refiner = Refiner(None, device="cpu", allow_random=True, config=CRMConfig(layers=(1, 1, 1), width=8),
+                      scales=DEFAULT_SCALES)
+    image = np.full((400, 600, 3), 90, np.uint8)
+    mask = np.zeros((400, 600), np.uint8)
+    mask[180:230, 280:330] = 1  # a 50-px segment: ROI about 128 px, padded 192
+    refiner.profile = []
+    refiner.refine_batch(image, [mask], roi=True)
+    roi_stages = [p["scale"] for p in refiner.profile]
+    refiner.profile = []
+    refiner.refine_batch(image, [mask])
+    assert [p["scale"] for p in refiner.profile] == list(DEFAULT_SCALES)  # whole image: the released schedule
+    assert roi_stages == [s for s in DEFAULT_SCALES if s * 192 >= ROI_MIN_STAGE_SIDE] == [0.5, 1.0]
 
 
 def _skip_checkpoint(tmp_path, meta):

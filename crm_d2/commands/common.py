@@ -42,10 +42,12 @@ def add_scales_argument(parser):
     parser.add_argument("--scales", nargs="+", action=ScalesAction, default=None, metavar="S", help=SCALES_HELP)
 
 
-def build_refiner(args):
+def build_refiner(args, device=None):
+    """`device` overrides --device: under torchrun each rank's own GPU (crm_d2.distributed.session)."""
     from ..refiner import Refiner
 
-    return Refiner(weights=args.weights, device=args.device, scales=getattr(args, "scales", None),
+    device = args.device if device is None else str(device)
+    return Refiner(weights=args.weights, device=device, scales=getattr(args, "scales", None),
                    memory_budget=args.memory_budget_mb << 20, mode="fast" if getattr(args, "fast", False) else "exact")
 
 

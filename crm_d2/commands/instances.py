@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from crm_d2.distributed import session
 from crm_d2.io import read_image, write_json
 from crm_d2.panoptic.instances_eval import (encode_mask, entity_gt_from_panoptic, evaluate_masks, format_ap_table,
                                             rle_bytes)
@@ -107,7 +108,7 @@ def decode(result, height, width, where):
 
 
 def refine_image(refiner, image, results, idx, options, non_overlapping, score_thresh, where):
-    """Refined copies of one image's results (those refined to nothing are left out)."""
+    """Refined copies of one image's results (those refined to nothing are left out only with drop_empty)."""
     h, w = image.shape[:2]
     masks = np.stack([decode(results[k], h, w, f"{where}, result {k}") for k in idx])
     scores = np.array([float(results[k]["score"]) for k in idx])
@@ -115,12 +116,19 @@ def refine_image(refiner, image, results, idx, options, non_overlapping, score_t
                            select=scores >= score_thresh, where=where)
     kept = []
     for k, m in zip(idx, out):
-        if m.any():
+        if m.any() or not options.drop_empty:
             kept.append(dict(results[k], segmentation=encode_mask(m)))
     return kept
 
 
 def run(args):
+    with session(args.device) as env:
+        return _run(args, env)
+
+
+def _run(args, env):
+    """The command on one process. Under torchrun every rank runs it: each refines its share of the unfinished
+    images into parts/, and rank 0 alone, once all are done, writes results.json and computes AP."""
     if not Path(args.images).is_dir():
         raise FileNotFoundError(f"image folder not found: {args.images}")
     options = options_from_args(args)
@@ -131,19 +139,20 @@ def run(args):
     out = Path(args.output)
     settings = {"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights), "fast": args.fast,
                 "non_overlapping": args.non_overlapping, "score_thresh": args.score_thresh, "options": vars(options)}
-    refiner = build_refiner(args)  # first: a mistyped --weights must not be recorded as the run's settings
-    check_run_settings(out, settings)
+    refiner = build_refiner(args, env.device)  # first: a mistyped --weights must not be recorded as the settings
 
     from tqdm import tqdm
 
     image_ids = list(by_image)[: args.limit if args.limit else None]
-    refined = []
-    for image_id in tqdm(image_ids, desc="CRM instances", unit="img"):
-        part = out / "parts" / f"{image_id}.json"
-        if part.is_file():
-            with open(part) as f:
-                refined.extend(json.load(f))
-            continue
+
+    def part(image_id):
+        return out / "parts" / f"{image_id}.json"
+
+    def pending():  # rank 0 alone: the settings record, then what is left (shared out, so resumes stay balanced)
+        check_run_settings(out, settings)
+        return [i for i in image_ids if not part(i).is_file()]
+
+    for image_id in tqdm(env.shard(env.decide(pending)), desc="CRM instances", unit="img", disable=not env.main):
         im = images[image_id]
         path = find_image(args.images, image_id, [im.get("file_name")])
         image = read_image(path)
@@ -153,8 +162,16 @@ def run(args):
         where = f"{args.pred_json} (image_id {image_id})"
         kept = refine_image(refiner, image, results, by_image[image_id], options, args.non_overlapping,
                             args.score_thresh, where)
-        write_json(part, kept)
-        refined.extend(kept)
+        write_json(part(image_id), kept)
+    env.barrier()
+    if not env.main:
+        return 0
+    refined = []
+    for image_id in image_ids:  # every rank's parts, in the one-process order
+        if not part(image_id).is_file():
+            raise RuntimeError(f"{part(image_id)} is missing after the run (removed meanwhile?); rerun to redo it")
+        with open(part(image_id)) as f:
+            refined.extend(json.load(f))
     write_json(out / "results.json", refined)
     print(f"refined results: {out / 'results.json'}", file=sys.stderr)
 

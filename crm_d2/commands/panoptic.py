@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from crm_d2.distributed import DistEnv, session
 from crm_d2.io import IMAGE_EXTS, read_image, write_json
 from crm_d2.panoptic.coco import PanopticSet, read_panoptic_sidecar, write_panoptic_image, write_panoptic_json
 from crm_d2.panoptic.merge import MERGE_RULES
@@ -53,6 +54,8 @@ def add_refine_arguments(parser, weights_default=None, instances=False):
                         "side (0 = no limit)")
     g.add_argument("--merge", choices=INSTANCE_MERGE_RULES if instances else MERGE_RULES, default=d.merge,
                    help=INSTANCE_MERGE_HELP if instances else MERGE_HELP)
+    g.add_argument("--drop-empty", action="store_true",
+                   help="drop a segment that refinement leaves without a pixel (default: it keeps its base mask)")
     g.add_argument("--limit", type=int, default=None, help="only the first N images (quick looks)")
 
 
@@ -60,7 +63,7 @@ def options_from_args(args):
     return SegmentRefineOptions(targets=getattr(args, "targets", SegmentRefineOptions.targets),
                                 min_area=args.min_area, margin=args.margin, max_side=args.max_side or None,
                                 scales=args.scales, batch_size=args.batch_size, merge=args.merge,
-                                band=args.band or None)
+                                band=args.band or None, drop_empty=args.drop_empty)
 
 
 def find_image(images_dir, image_id, file_names):
@@ -92,11 +95,15 @@ def subset(pset, image_ids):
 
 
 # ----------------------------------------------------------------------------------------- the job
-def refine_panoptic_set(refiner, images_dir, pred, out_dir, options, gt=None, limit=None, progress=True):
+def refine_panoptic_set(refiner, images_dir, pred, out_dir, options, gt=None, limit=None, progress=True, env=None):
     """Refine every annotation of `pred` (a PanopticSet) into out_dir/panoptic/ and write out_dir/panoptic.json.
 
-    Images with a finished output are skipped (resume). Returns the refined PanopticSet.
+    Images with a finished output are skipped (resume). Under torchrun (`env`, crm_d2.distributed.session) each
+    rank refines its share of the unfinished images, and rank 0, once all are done, writes panoptic.json from the
+    outputs on disk, so that the result is the one-process result. Returns the refined PanopticSet (None on the
+    other ranks).
     """
+    env = env or DistEnv()
     out_dir = Path(out_dir)
     png_dir = out_dir / "panoptic"
     if not pred.annotations:
@@ -115,12 +122,12 @@ def refine_panoptic_set(refiner, images_dir, pred, out_dir, options, gt=None, li
 
     from tqdm import tqdm
 
-    done = []
-    for ann in tqdm(anns, desc="CRM panoptic", unit="img", disable=not progress):
-        prev = read_panoptic_sidecar(png_dir, ann["file_name"])
-        if prev is not None:
-            done.append(prev)
-            continue
+    # Rank 0 says what is left (the others may already be writing), and the ranks share that, not the whole list:
+    # a run resumed with another number of processes stays balanced.
+    pending = env.decide(lambda: [k for k, ann in enumerate(anns)
+                                  if read_panoptic_sidecar(png_dir, ann["file_name"]) is None])
+    for k in tqdm(env.shard(pending), desc="CRM panoptic", unit="img", disable=not (progress and env.main)):
+        ann = anns[k]
         image_id = ann["image_id"]
         image_path = find_image(images_dir, image_id, [images.get(image_id, {}).get("file_name"), ann["file_name"]])
         where = f"{pred.png_path(ann)} (image_id {image_id})"
@@ -131,7 +138,15 @@ def refine_panoptic_set(refiner, images_dir, pred, out_dir, options, gt=None, li
                              f"is {ids.shape[1]}x{ids.shape[0]}")
         new_ids, segs = refine_panoptic(refiner, image, ids, ann["segments_info"], options, categories=categories,
                                         where=where)
-        done.append(write_panoptic_image(png_dir, ann["file_name"], image_id, new_ids, segs))
+        write_panoptic_image(png_dir, ann["file_name"], image_id, new_ids, segs)
+    env.barrier()
+    if not env.main:
+        return None
+    done = [read_panoptic_sidecar(png_dir, ann["file_name"]) for ann in anns]
+    lost = [ann["file_name"] for ann, a in zip(anns, done) if a is None]
+    if lost:
+        raise RuntimeError(f"{png_dir}: no finished output for {', '.join(lost[:3])} after the run (removed "
+                           f"meanwhile?); rerun to redo them")
     images_out = [images[a["image_id"]] for a in done if a["image_id"] in images] or None
     write_panoptic_json(out_dir / "panoptic.json", done, categories, images=images_out)
     return PanopticSet(out_dir / "panoptic.json", png_dir)
@@ -184,6 +199,12 @@ def add_arguments(parser):
 
 
 def run(args):
+    with session(args.device) as env:
+        return _run(args, env)
+
+
+def _run(args, env):
+    """The command on one process; under torchrun every rank runs it (docs/panoptic.md, 'Many GPUs')."""
     if (args.gt_json is None) != (args.gt_dir is None):
         raise ValueError("--gt-json and --gt-dir go together")
     if not Path(args.images).is_dir():
@@ -193,9 +214,11 @@ def run(args):
     gt = PanopticSet(args.gt_json, args.gt_dir) if args.gt_json else None
     settings = {"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights),
                 "fast": args.fast, "options": vars(options)}
-    refiner = build_refiner(args)  # first: a mistyped --weights must not be recorded as the run's settings
-    check_run_settings(args.output, settings)
-    refined = refine_panoptic_set(refiner, args.images, pred, args.output, options, gt=gt, limit=args.limit)
+    refiner = build_refiner(args, env.device)  # first: a mistyped --weights must not be recorded as the settings
+    env.decide(check_run_settings, args.output, settings)
+    refined = refine_panoptic_set(refiner, args.images, pred, args.output, options, gt=gt, limit=args.limit, env=env)
+    if not env.main:
+        return 0
     print(f"refined panoptic predictions: {Path(args.output) / 'panoptic.json'}", file=sys.stderr)
     if gt is None:
         print("no --gt-json given: PQ not computed", file=sys.stderr)

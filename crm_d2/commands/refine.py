@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..distributed import session
 from ..io import check_mask_path, list_big, read_image, read_mask, write_image, write_mask
 from ..pictures import mask_panel, side_by_side
 from .common import add_model_arguments, add_scales_argument, build_refiner, check_run_settings
@@ -44,6 +45,13 @@ def add_arguments(parser):
 
 
 def run(args):
+    with session(args.device) as env:
+        return _run(args, env)
+
+
+def _run(args, env):
+    """The command on one process. Under torchrun every rank runs it and refines its share of the unfinished
+    masks; rank 0 alone records the settings and prints (docs/panoptic.md, 'Many GPUs')."""
     if bool(args.big_dir) == bool(args.inputs):
         raise ValueError("give either IMAGE MASK or --big-dir DIR")
     if args.inputs and len(args.inputs) != 2:
@@ -55,31 +63,41 @@ def run(args):
                 for it in list_big(args.big_dir, skipped=skipped)]
         if args.overlay and Path(args.overlay).resolve() == out.resolve():
             raise ValueError("--overlay needs a folder other than -o (the pictures would replace the masks)")
-        if not args.overwrite and not (out / "run.json").is_file() and any(j[2].exists() for j in jobs):
-            raise ValueError(f"{out} holds masks but no record of their settings (run.json): rerun with "
-                             "--overwrite to redo them, or use another -o")
     else:
         check_mask_path(out)
         if out.resolve() in (Path(p).resolve() for p in args.inputs):
             raise ValueError(f"-o {out} is one of the inputs")
         jobs = [(Path(args.inputs[0]), Path(args.inputs[1]), out)]
+
+    def finished():  # rank 0 alone (the others may already be writing); a single output is always rewritten
+        if (args.big_dir and not args.overwrite and not (out / "run.json").is_file()
+                and any(j[2].exists() for j in jobs)):
+            raise ValueError(f"{out} holds masks but no record of their settings (run.json): rerun with "
+                             "--overwrite to redo them, or use another -o")
+        return [bool(args.big_dir) and not args.overwrite and j[2].exists() for j in jobs]
+
+    def record():  # rank 0 alone, after the refiner is built: a mistyped --weights records nothing
+        if args.big_dir and args.overwrite:
+            for j in jobs:  # deleted first: a killed --overwrite run then resumes under the new settings
+                j[2].unlink(missing_ok=True)
+            check_run_settings(out, run_settings(args), replace=True)
+        elif args.big_dir:
+            check_run_settings(out, run_settings(args), redo_flag="--overwrite")
+
+    say = print if env.main else (lambda *a, **k: None)  # the other ranks print nothing but errors
+    is_done = env.decide(finished)
     for name, why in skipped:
-        print(f"skipped {name}: {why}", file=sys.stderr)
-    finished = [bool(args.big_dir) and not args.overwrite and j[2].exists() for j in jobs]
-    todo = [j for j, f in zip(jobs, finished) if not f]
-    done = [j for j, f in zip(jobs, finished) if f]
+        say(f"skipped {name}: {why}", file=sys.stderr)
+    todo = [j for j, f in zip(jobs, is_done) if not f]
+    done = [j for j, f in zip(jobs, is_done) if f]
     if todo:
-        refiner = build_refiner(args)  # before the settings are recorded: a mistyped --weights records nothing
-    if args.big_dir and args.overwrite:
-        for j in jobs:  # deleted first: a killed --overwrite run then resumes under the new settings
-            j[2].unlink(missing_ok=True)
-        check_run_settings(out, run_settings(args), replace=True)
-    elif args.big_dir:
-        check_run_settings(out, run_settings(args), redo_flag="--overwrite")
+        refiner = build_refiner(args, env.device)
+    env.decide(record)
     if done:
-        print(f"skipping {len(done)} finished outputs (use --overwrite to redo them)")
+        say(f"skipping {len(done)} finished outputs (use --overwrite to redo them)")
     kind = "binary" if args.binary else "uint8"
-    for image_path, mask_path, dest in tqdm(todo, desc="refine", unit="img", disable=len(todo) < 2):
+    mine = env.shard(todo)  # the unfinished ones are shared out, so that a resumed run stays balanced
+    for image_path, mask_path, dest in tqdm(mine, desc="refine", unit="img", disable=len(mine) < 2 or not env.main):
         image, mask = read_image(image_path), read_mask(mask_path, colour="refuse")
         if image.shape[:2] != mask.shape:
             raise ValueError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but {image_path} is "
@@ -91,16 +109,17 @@ def run(args):
             write_picture(args.overlay, image, mask, pred, dest.stem)
     pictures = 0
     if args.overlay:  # finished outputs of an earlier run get their pictures too, without refining again
-        for image_path, mask_path, dest in done:
+        for image_path, mask_path, dest in env.shard(done):
             if not (Path(args.overlay) / f"{dest.stem}.png").exists():
                 write_picture(args.overlay, read_image(image_path), read_mask(mask_path), read_mask(dest), dest.stem)
         pictures = len(jobs)
+    env.barrier()  # the summary below is about every rank's outputs
     summary = f"wrote {len(todo)} mask(s) to {out}" + (f", kept {len(done)} finished" if done else "")
     if skipped:
         summary += f"; skipped {len(skipped)} image(s) without a coarse mask"
     if pictures:
         summary += f"; pictures (image | coarse | refined) in {args.overlay}"
-    print(summary)
+    say(summary)
     return 0
 
 

@@ -66,6 +66,13 @@ def add_crm_config(cfg):
     cfg.MODEL.CRM.AMP = False
     # Merge rule of crm_d2.panoptic.merge (see its docstring for the measured alternatives).
     cfg.MODEL.CRM.MERGE = core.merge
+    # Refinement may change pixels only this close to a segment's coarse boundary, as a fraction of the image's
+    # long side (0 = no limit).
+    cfg.MODEL.CRM.BAND = float(core.band or 0.0)
+    # Fast mode: re-decode only a band around each scale's boundary (not bit-exact; docs/benchmark.md).
+    cfg.MODEL.CRM.FAST = False
+    # A segment or instance that refinement leaves without a pixel keeps its base mask (False) or is dropped.
+    cfg.MODEL.CRM.DROP_EMPTY = bool(core.drop_empty)
     # Keep instance masks non-overlapping after refinement (entity outputs, e.g. EntitySeg).
     cfg.MODEL.CRM.NON_OVERLAPPING_INSTANCES = False
     return cfg

@@ -9,10 +9,12 @@
 
 Like Detectron2's evaluators, predictions are gathered to the main process with detectron2.utils.comm.
 """
+import copy
 import itertools
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -212,15 +214,22 @@ class CRMComparisonEvaluator(DatasetEvaluator):
     """Evaluate base and CRM-refined outputs of the same forward pass.
 
     The model must run inside `crm_d2.d2.return_base_outputs(model)`, so that each output carries the unrefined
-    outputs under BASE_OUTPUTS_KEY; outputs without it (CRM disabled) go to both sides. Returns
-    {"base/<task>": ..., "crm/<task>": ...} and logs (and writes to `output_dir`) the with/without table.
+    outputs under BASE_OUTPUTS_KEY; outputs without it go to both sides. Returns {"base/<task>": ...,
+    "crm/<task>": ...} and logs (and writes to `output_dir`) the with/without table.
+
+    crm_enabled=False (MODEL.CRM.ENABLED False): refinement is the identity, so the base outputs are evaluated
+    once and the CRM side is a copy of them (numbers and files): the layout, keys and table stay those of a
+    run with CRM, so scripts that read them work with either setting.
     """
 
-    def __init__(self, base_evaluator, crm_evaluator, output_dir=None, name=""):
+    def __init__(self, base_evaluator, crm_evaluator, output_dir=None, name="", crm_enabled=True,
+                 side_dirs=None):
         self._base = base_evaluator
         self._crm = crm_evaluator
         self._output_dir = output_dir
         self._name = name
+        self._crm_enabled = crm_enabled
+        self._side_dirs = side_dirs  # (base, crm) output folders, for the copy when CRM is off
 
     def reset(self):
         self._base.reset()
@@ -235,24 +244,30 @@ class CRMComparisonEvaluator(DatasetEvaluator):
             base.append(out.get(BASE_OUTPUTS_KEY, out))
             refined.append({k: v for k, v in out.items() if k != BASE_OUTPUTS_KEY})
         self._base.process(inputs, base)
-        self._crm.process(inputs, refined)
+        if self._crm_enabled:
+            self._crm.process(inputs, refined)
 
     def evaluate(self):
-        if self._missing_base:
-            logger.warning("outputs had no base results (CRM disabled, or the model did not run inside "
-                           "return_base_outputs): both columns evaluate the same outputs")
+        if self._missing_base and self._crm_enabled:
+            logger.warning("outputs had no base results (the model did not run inside return_base_outputs): "
+                           "both columns evaluate the same outputs")
         base = self._base.evaluate()
-        crm = self._crm.evaluate()
+        crm = self._crm.evaluate() if self._crm_enabled else copy.deepcopy(base)
         if not comm.is_main_process():
             return None
         base, crm = base or {}, crm or {}
+        if not self._crm_enabled:
+            logger.info("MODEL.CRM.ENABLED is False: the 'with CRM' column and crm/ are the base model's")
+            if self._side_dirs and os.path.isdir(self._side_dirs[0]):
+                shutil.copytree(self._side_dirs[0], self._side_dirs[1], dirs_exist_ok=True)
         table = format_comparison(base, crm)
         logger.info(f"CRM with/without{' on ' + self._name if self._name else ''}:\n{table}")
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
             with open(os.path.join(self._output_dir, "crm_comparison.txt"), "w") as f:
                 f.write(table + "\n")
-            write_json(os.path.join(self._output_dir, "crm_comparison.json"), {"base": base, "crm": crm})
+            write_json(os.path.join(self._output_dir, "crm_comparison.json"),
+                       {"base": base, "crm": crm, "crm_enabled": self._crm_enabled})
         results = OrderedDict()
         for prefix, res in (("base", base), ("crm", crm)):
             for task, metrics in res.items():
@@ -293,10 +308,11 @@ def build_evaluator(cfg, dataset_name, output_dir=None, name=None):
 
 
 def build_crm_evaluator(cfg, dataset_name, output_dir):
-    """With CRM on: base and refined evaluator sets in one CRMComparisonEvaluator (outputs in
-    output_dir/base, output_dir/crm); with CRM off: the plain evaluator."""
-    if not (cfg.MODEL.META_ARCHITECTURE == "CRMPostRefiner" and cfg.MODEL.CRM.ENABLED):
-        return build_evaluator(cfg, dataset_name, output_dir)
-    base = build_evaluator(cfg, dataset_name, os.path.join(output_dir, "base"), name=f"{dataset_name} (base)")
-    crm = build_evaluator(cfg, dataset_name, os.path.join(output_dir, "crm"), name=f"{dataset_name} (CRM)")
-    return CRMComparisonEvaluator(base, crm, output_dir=output_dir, name=dataset_name)
+    """Base and refined evaluator sets in one CRMComparisonEvaluator (outputs in output_dir/base,
+    output_dir/crm, the table in output_dir/crm_comparison.*), with CRM on or off: one layout."""
+    enabled = cfg.MODEL.META_ARCHITECTURE == "CRMPostRefiner" and bool(cfg.MODEL.CRM.ENABLED)
+    dirs = (os.path.join(output_dir, "base"), os.path.join(output_dir, "crm"))
+    base = build_evaluator(cfg, dataset_name, dirs[0], name=f"{dataset_name} (base)")
+    crm = build_evaluator(cfg, dataset_name, dirs[1], name=f"{dataset_name} (CRM)")
+    return CRMComparisonEvaluator(base, crm, output_dir=output_dir, name=dataset_name, crm_enabled=enabled,
+                                  side_dirs=dirs)

@@ -102,6 +102,7 @@ class CRMRefinementMixin:
         self.crm_options = SegmentRefineOptions(
             targets=c.TARGETS, min_area=int(c.MIN_AREA), margin=float(c.ROI_MARGIN),
             max_side=int(c.MAX_SIDE) or None, batch_size=int(c.BATCH_SIZE), merge=c.MERGE,
+            band=float(c.BAND) or None, drop_empty=bool(c.DROP_EMPTY),
         )
         refiner = None
         if self.crm_enabled:
@@ -110,7 +111,7 @@ class CRMRefinementMixin:
                                  "(or 'demo'), or set MODEL.CRM.ENABLED False for the base model alone")
             scales = "auto" if list(c.SCALES) == ["auto"] else tuple(c.SCALES) or None
             refiner = Refiner(c.WEIGHTS, device=cfg.MODEL.DEVICE, scales=scales, amp=bool(c.AMP),
-                              max_batch=int(c.BATCH_SIZE))
+                              max_batch=int(c.BATCH_SIZE), mode="fast" if c.FAST else "exact")
         # Not an attribute nn.Module tracks: CRM stays out of state_dict(), parameters() and .to().
         object.__setattr__(self, "crm_refiner", refiner)
         self._crm_warned = set()
@@ -194,8 +195,10 @@ class CRMRefinementMixin:
             new.pred_masks = BitMasks(refined)
         else:
             new.pred_masks = refined.to(tensor.dtype)  # bool stays bool, float 0/1 stays float 0/1
-        # An instance refined to nothing is dropped (an empty mask would only be a false positive); indexing keeps
-        # the other fields aligned. A panoptic segment's `instance_id` still indexes the base instances.
+        if not self.crm_options.drop_empty:  # refinement kept every detection (empty ones keep their base mask)
+            return new
+        # MODEL.CRM.DROP_EMPTY: an instance refined to nothing is dropped; indexing keeps the other fields aligned
+        # (a panoptic segment's `instance_id` then no longer indexes these instances).
         keep = refined.flatten(1).any(dim=1)
         return new if bool(keep.all()) else new[keep]
 

@@ -17,7 +17,9 @@ pixels are settled decides whether refinement can lower PQ for reasons that have
 3. A pixel no segment claims keeps its original segment (or stays void where it was void): refinement only moves
    pixels between segments when some refined mask asks for them ("-void" and "-nearest" variants of each rule give
    such pixels to void or to the nearest claimed segment instead; they were measured and are worse).
-4. Segments left with no pixel are removed; `area` (and `bbox` if present) of the rest are recomputed.
+4. Refinement does not decide which objects exist: a segment left with no pixel (refined to nothing, or all its
+   pixels taken by others) gets its original pixels back (`keep_lost`; False removes such segments). `area` (and
+   `bbox` if present) are recomputed.
 """
 from collections import namedtuple
 
@@ -87,7 +89,7 @@ def _as_segment_prob(p, shape, original, index):
     return crop_prob(p)
 
 
-def merge_segments(pan_seg, segments_info, probs, rule=DEFAULT_MERGE, threshold=0.5):
+def merge_segments(pan_seg, segments_info, probs, rule=DEFAULT_MERGE, threshold=0.5, keep_lost=True):
     """Settle refined per-segment probabilities into one id map (see the module docstring for the rule).
 
     pan_seg: HxW integer id map (0 = void) the probabilities were computed from; segments_info: dicts with at least
@@ -155,6 +157,10 @@ def merge_segments(pan_seg, segments_info, probs, rule=DEFAULT_MERGE, threshold=
         else:
             owner[fill] = orig
 
+    if keep_lost:
+        lost = np.bincount(owner[owner >= 0], minlength=len(segments_info)) == 0
+        for j in np.flatnonzero(lost):  # in list order: a later restored segment wins a pixel two of them had
+            owner[pan_seg == seg_ids[j]] = j
     out = np.zeros((h, w), dtype=pan_seg.dtype)
     claimed = owner >= 0
     out[claimed] = seg_ids[owner[claimed]].astype(pan_seg.dtype)

@@ -31,7 +31,9 @@ class SegmentRefineOptions:
     within this distance of the segment's coarse boundary, as a fraction of the image's long side (None = no
     limit). CRM fixes boundaries; far from them a binary refiner trained on whole objects tends to grow a part
     (a coat) into its whole object (the person), which costs PQ for reasons that have nothing to do with the
-    boundary (measured on the demo sample: docs/panoptic.md).
+    boundary (measured on the demo sample: docs/panoptic.md). drop_empty: a segment or instance that refinement
+    leaves without a pixel is dropped (default False: it keeps its base mask; CRM refines masks, it does not
+    decide which objects exist).
     """
 
     targets: str = "both"
@@ -43,6 +45,7 @@ class SegmentRefineOptions:
     merge: str = DEFAULT_MERGE
     threshold: float = 0.5
     band: Optional[float] = 0.02
+    drop_empty: bool = False
 
     def __post_init__(self):
         if self.targets not in TARGETS:
@@ -136,17 +139,18 @@ def refine_panoptic(refiner, image_rgb, pan_seg, segments_info, options=None, ca
     masks = [pan_seg == s["id"] if options.selects(s["isthing"]) and areas[s["id"]] >= options.min_area else None
              for s in segs]
     probs = refine_segment_probs(refiner, image_rgb, masks, options)
-    return merge_segments(pan_seg, segs, probs, rule=options.merge, threshold=options.threshold)
+    return merge_segments(pan_seg, segs, probs, rule=options.merge, threshold=options.threshold,
+                          keep_lost=not options.drop_empty)
 
 
 def refine_instances(refiner, image_rgb, masks, scores, options=None, non_overlapping=False, select=None, where=""):
     """Refine a list of instance (or entity) masks; returns NxHxW bool in input order.
 
     Masks smaller than `options.min_area`, or False in `select` (N bools, e.g. low scores), are not refined; a mask
-    refined to nothing comes back empty (the caller drops it). Instances may overlap (Mask R-CNN style) and are
-    refined independently; with `non_overlapping` (entity outputs) the input must not overlap, and the result is
-    merged like panoptic things (scores order ties), so it does not overlap either. `options.targets` does not
-    apply (all are things).
+    refined to nothing keeps its base mask (with `options.drop_empty` it comes back empty, for the caller to
+    drop). Instances may overlap (Mask R-CNN style) and are refined independently; with `non_overlapping`
+    (entity outputs) the input must not overlap, and the result is merged like panoptic things (scores order
+    ties), so it does not overlap either. `options.targets` does not apply (all are things).
     """
     options = options or SegmentRefineOptions()
     at = f" {where}" if where else ""
@@ -172,9 +176,12 @@ def refine_instances(refiner, image_rgb, masks, scores, options=None, non_overla
         for i, p in enumerate(probs):
             if p is not None:
                 (y0, x0, y1, x1), crop = p
-                out[i] = False
-                out[i, y0:y1, x0:x1] = crop > options.threshold
+                claim = crop > options.threshold
+                if claim.any() or options.drop_empty:
+                    out[i] = False
+                    out[i, y0:y1, x0:x1] = claim
         return out
     segs = [{"id": i + 1, "isthing": 1, "score": float(s)} for i, s in enumerate(scores)]
-    merged, _ = merge_segments(id_map, segs, probs, rule=options.merge, threshold=options.threshold)
+    merged, _ = merge_segments(id_map, segs, probs, rule=options.merge, threshold=options.threshold,
+                               keep_lost=not options.drop_empty)
     return merged[None] == np.arange(1, len(masks) + 1)[:, None, None]
