@@ -479,12 +479,14 @@ class CRM(nn.Module):
 class QuerySample:
     """Which pixels a training step decodes: one dense patch (for the gradient loss, which needs neighbours)
     and N scattered points per sample (for the pointwise losses). rows/cols: B x N pixel indices; `tile`: the
-    part of the patch the loss scores (the rest is context). See `crm_d2.train.losses.draw_sample`."""
+    part of the patch the loss scores (the rest is context); `weights`: B x N per-point loss weights when the
+    points were not drawn uniformly (None = uniform). See `crm_d2.train.losses.draw_sample`."""
 
     patch: tuple  # ((y0, y1), (x0, x1))
     rows: torch.Tensor
     cols: torch.Tensor
     tile: tuple = None
+    weights: torch.Tensor = None
 
     def take(self, maps):
         """B x 1 x H x W maps -> B x N values at the points."""

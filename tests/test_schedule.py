@@ -125,3 +125,30 @@ def test_heldout_eval_command(tmp_path):
     assert len(list((tmp_path / "big" / "8x").glob("*_seg.png"))) == 4  # a BIG folder for crm-d2 refine/eval
     assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["ecssd_syn0000_8x.png",
                                                                       "ecssd_syn0000_polygon.png"]
+
+
+def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp_path):
+    from crm_d2.train.synthetic import write_pairs_folder
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from calibrate_skip import dev_items
+    from heldout_eval import heldout_items
+
+    write_pairs_folder(tmp_path / "data" / "ecssd", 40, size=(64, 80), seed=3)
+    judged = {it.image for it in heldout_items(tmp_path / "data", every=3)}
+    dev = dev_items(tmp_path / "data", every=1)
+    assert len(dev) == 2 and not judged & {it.image for it in dev}  # held-out items 1 and 2 (0 and 3 are judged)
+    # the skip-only model returns its coarse mask (gain 2.5); x0 would trust it not at all (p = 0.5 everywhere)
+    weights = _skip_checkpoint(tmp_path, {"scales": "auto"})
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_skip.py"), "--weights", str(weights),
+                          "--output", str(tmp_path / "cal.pth"), "--data", str(tmp_path / "data"), "--every", "1",
+                          "--multipliers", "0", "1", "--recipes", "8x", "--threads", "1",
+                          "--json", str(tmp_path / "cal.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads((tmp_path / "cal.json").read_text())
+    assert [row["multiplier"] for row in res["table"]] == [0.0, 1.0] and res["best"]["multiplier"] == 1.0
+    assert res["table"][1]["mean_mba_gain"] == pytest.approx(0.0, abs=1e-9)  # output == coarse
+    assert res["table"][0]["mean_mba_gain"] < 0
+    cal = Refiner(str(tmp_path / "cal.pth"), device="cpu")
+    assert float(cal.model.mask_gain) == pytest.approx(2.5)
+    assert cal.model.meta["mask_gain_calibration"]["multiplier"] == 1.0 and cal.scales == "auto"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from crm_d2.model import CRM, CRMConfig, QuerySample
-from crm_d2.train.losses import CRMLoss, draw_sample
+from crm_d2.train.losses import CRMLoss, boundary_band, draw_sample
 from crm_d2.train.trainer import Trainer, load_config
 
 
@@ -82,6 +82,47 @@ def test_sampled_loss_equals_the_dense_loss_in_expectation():
     assert np.mean(draws) == pytest.approx(float(dense_total), rel=0.03)
 
 
+def test_boundary_band_marks_the_edge_and_the_coarse_errors():
+    gt = torch.zeros(1, 1, 20, 20)
+    gt[:, :, 5:15, 5:15] = 1
+    coarse = gt.clone()
+    coarse[:, :, 0, 19] = 1  # a false blob far from the edge
+    band = boundary_band(gt, coarse, 1)[0]
+    ys, xs = torch.meshgrid(torch.arange(20), torch.arange(20), indexing="ij")
+    inside = (ys >= 5) & (ys < 15) & (xs >= 5) & (xs < 15)
+    ring = ((ys >= 4) & (ys < 16) & (xs >= 4) & (xs < 16)) & ~((ys >= 6) & (ys < 14) & (xs >= 6) & (xs < 14))
+    assert torch.equal(band & ~ring, (ys == 0) & (xs == 19))  # the blob, and nothing else outside the ring
+    assert torch.equal(band & ring, ring)
+    assert not band[inside & ~ring].any()
+
+
+def test_boundary_points_reweighted_keep_the_dense_loss_and_emphasis_oversamples_the_band():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 1, 32, 48) * 3
+    gt = torch.zeros(2, 1, 32, 48)
+    gt[:, :, 8:24, 10:30] = 1
+    coarse = torch.roll(gt, 3, dims=-1)
+    band = boundary_band(gt, coarse, 2)
+    crit = CRMLoss(grad=0)  # the pointwise terms: the gradient term's tile is drawn as before
+    dense = float(crit(logits, gt)[0])
+    g = torch.Generator().manual_seed(0)
+    draws, emphasis, in_band = [], [], []
+    for _ in range(300):
+        s = draw_sample(2, (32, 48), 16, 512, generator=g, band=band, boundary=0.7)
+        draws.append(float(crit.sampled(s.crop(logits), s.take(logits), gt, s)[0]))
+        in_band.append(float(s.take(band[:, None].float()).mean()))
+        e = draw_sample(2, (32, 48), 16, 512, generator=g, band=band, boundary=0.7, reweight=False)
+        assert e.weights is None
+        emphasis.append(float(crit.sampled(e.crop(logits), e.take(logits), gt, e)[0]))
+    assert np.mean(draws) == pytest.approx(dense, rel=0.02)
+    share = float(band.float().mean())
+    assert np.mean(in_band) == pytest.approx(0.7 + 0.3 * share, abs=0.01)  # the mixture's band mass
+    # the emphasis version is another objective (the band's loss counts more): its mean is not the dense one
+    band_loss = float(crit(logits[band[:, None]].view(1, 1, 1, -1), gt[band[:, None]].view(1, 1, 1, -1))[0])
+    assert abs(np.mean(emphasis) - dense) > 5 * abs(np.mean(draws) - dense)
+    assert np.sign(np.mean(emphasis) - dense) == np.sign(band_loss - dense)
+
+
 def test_draw_sample_checks_the_tile():
     with pytest.raises(ValueError, match="divide"):
         draw_sample(1, (50, 50), 16, 10)
@@ -93,7 +134,7 @@ def _cfg(tmp_path, *overrides):
         "data.train=[{type: synthetic, count: 6, size: 48, seed: 1}]", "data.val=[]",
         "data.crop_size=32", "data.num_workers=0", "data.input_scales=[1.0, 0.5, 0.25]",
         "data.perturb={fine_prob: 0.3, lowres_prob: 0.5, blob_prob: 0.5}",
-        "sampling={points: 64, tile: 16}", "solver.channels_last=true",
+        "sampling={points: 64, tile: 16, boundary: 0.5}", "solver.channels_last=true",
         "solver.batch_size=2", "solver.max_iter=4", "solver.steps=[3]", "checkpoint.period=2", "checkpoint.keep=0",
         "log.period=1", "log.tensorboard=false", f"output_dir={tmp_path}", "device=cpu", *overrides])
 

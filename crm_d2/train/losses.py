@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["sobel_magnitude", "gradient_loss", "CRMLoss", "draw_sample", "GRAD_CONTEXT"]
+__all__ = ["sobel_magnitude", "gradient_loss", "CRMLoss", "draw_sample", "boundary_band", "GRAD_CONTEXT"]
 
 GRAD_CONTEXT = 2  # pixels of context one Sobel magnitude reads (3x3 average pool, then 3x3 Sobel)
 
@@ -63,20 +63,24 @@ class CRMLoss(nn.Module):
 
     def sampled(self, patch_logits, point_logits, gt, sample):
         """The same loss, estimated from a `QuerySample` (see `draw_sample`): its expectation over the draw
-        equals `forward` on the whole crop. The pointwise terms average uniform random points; the gradient
+        equals `forward` on the whole crop. The pointwise terms average the points (weighted by
+        `sample.weights` when they were not drawn uniformly); the gradient
         term is the exact per-pixel term of one random tile of a partition of the crop, computed with its
         Sobel context (zero outside the crop, as the dense loss pads)."""
         gt = gt.float()
-        prob_pts = torch.sigmoid(point_logits.float())
+        point_logits = point_logits.float()
+        prob_pts = torch.sigmoid(point_logits)
         gt_pts = sample.take(gt)
+        w = sample.weights
+        mean = torch.mean if w is None else (lambda v: (v * w).mean())
         prob, inside = _with_context(torch.sigmoid(patch_logits.float()), sample)
         gt_ctx, _ = _with_context(sample.crop(gt), sample)
         c = GRAD_CONTEXT
         core = (slice(None), slice(None), slice(c, -c), slice(c, -c))
         terms = {
-            "bce": F.binary_cross_entropy_with_logits(point_logits.float(), (gt_pts > 0.5).float()),
-            "l1": F.l1_loss(prob_pts, gt_pts),
-            "l2": F.mse_loss(prob_pts, gt_pts),
+            "bce": mean(F.binary_cross_entropy_with_logits(point_logits, (gt_pts > 0.5).float(), reduction="none")),
+            "l1": mean((prob_pts - gt_pts).abs()),
+            "l2": mean((prob_pts - gt_pts) ** 2),
             "grad": F.l1_loss(sobel_magnitude(prob, self.eps, inside)[core],
                               sobel_magnitude(gt_ctx, self.eps, inside)[core]),
         }
@@ -98,10 +102,25 @@ def _with_context(region, sample):
     return F.pad(region, pad), inside
 
 
-def draw_sample(batch, size, tile, points, generator=None, device=None):
+def boundary_band(gt, coarse, radius):
+    """B x H x W bool: pixels within `radius` px of the GT's boundary, or where the coarse mask is wrong (both
+    binarised at 0.5): where a refiner's errors are."""
+    g = (gt > 0.5).float()
+    k = 2 * radius + 1
+    near_edge = F.max_pool2d(g, k, 1, radius) != -F.max_pool2d(-g, k, 1, radius)
+    return (near_edge | ((coarse > 0.5) != (g > 0.5)))[:, 0]
+
+
+def draw_sample(batch, size, tile, points, generator=None, device=None, band=None, boundary=0.0, reweight=True):
     """Which pixels of a size=(H, W) crop a training step decodes: one tile of the crop's partition into
-    tile x tile squares (uniformly chosen; decoded with GRAD_CONTEXT px around it) and `points` uniform random
-    pixels per sample (with replacement). Returns a crm_d2.model.QuerySample."""
+    tile x tile squares (uniformly chosen; decoded with GRAD_CONTEXT px around it) and `points` random pixels
+    per sample (with replacement).
+
+    The points are uniform, or with `band` (B x H x W bool, see `boundary_band`) and boundary = s > 0, drawn
+    from the mixture (1 - s) uniform + s uniform-over-the-band: more of them where the errors are. reweight=True
+    attaches importance weights (uniform density / mixture density), so the loss stays the dense loss in
+    expectation with less variance at the boundary; False keeps the emphasis (PointRend's choice).
+    Returns a crm_d2.model.QuerySample."""
     from crm_d2.model import QuerySample
 
     H, W = size
@@ -111,5 +130,17 @@ def draw_sample(batch, size, tile, points, generator=None, device=None):
     ty0, tx0 = (k // (W // tile)) * tile, (k % (W // tile)) * tile
     c = GRAD_CONTEXT
     patch = ((max(0, ty0 - c), min(H, ty0 + tile + c)), (max(0, tx0 - c), min(W, tx0 + tile + c)))
-    idx = torch.randint(0, H * W, (batch, points), generator=generator).to(device)
-    return QuerySample(patch, idx // W, idx % W, tile=((ty0, ty0 + tile), (tx0, tx0 + tile)))
+    weights = None
+    if band is None or boundary <= 0:
+        idx = torch.randint(0, H * W, (batch, points), generator=generator).to(device)
+    else:
+        band = band.reshape(batch, H * W).float().cpu()
+        area = band.sum(1, keepdim=True)
+        # Samples whose band is empty fall back to uniform.
+        density = torch.where(area > 0, (1 - boundary) / (H * W) + boundary * band / area.clamp(min=1),
+                              torch.full_like(band, 1.0 / (H * W)))
+        idx = torch.multinomial(density, points, replacement=True, generator=generator)
+        if reweight:
+            weights = (1.0 / (H * W) / torch.gather(density, 1, idx)).to(device)
+        idx = idx.to(device)
+    return QuerySample(patch, idx // W, idx % W, tile=((ty0, ty0 + tile), (tx0, tx0 + tile)), weights=weights)

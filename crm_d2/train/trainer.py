@@ -21,7 +21,6 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +30,11 @@ import yaml
 from torch.utils.data import DataLoader
 
 from crm_d2.checkpoint import load_checkpoint, load_state, save_checkpoint
+from crm_d2.distributed import init_from_env, teardown, world_from_env
 from crm_d2.model import CRM, CRMConfig, normalize_input
 from crm_d2.refiner import resize
 from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, val_samples
-from crm_d2.train.losses import CRMLoss, draw_sample
+from crm_d2.train.losses import CRMLoss, boundary_band, draw_sample
 from crm_d2.train.perturb import PerturbConfig
 
 logger = logging.getLogger("crm_d2.train")
@@ -62,7 +62,9 @@ DEFAULTS = {
     # Decode only part of each crop: `points` random pixels per sample for the pointwise losses and one
     # `tile` x tile square (with its context) for the gradient loss. 0 = every pixel (the released recipe).
     # Same loss in expectation (crm_d2.train.losses.CRMLoss.sampled), a fraction of the decoder's work.
-    "sampling": {"points": 0, "tile": 0},
+    # boundary: the share of the points drawn from the band (`band` px around the GT's boundary, plus where the
+    # coarse mask is wrong); reweight: importance weights keep the loss unbiased, false keeps the emphasis.
+    "sampling": {"points": 0, "tile": 0, "boundary": 0.0, "band": 3, "reweight": True},
     "solver": {
         "batch_size": 12,  # total over all processes
         "lr": 2.25e-4,
@@ -172,7 +174,9 @@ def load_config(path=None, overrides=()):
             s[k] = int(s[k])
         s["steps"] = [int(v) for v in s["steps"]]
         cfg["data"]["input_scales"] = [float(v) for v in cfg["data"]["input_scales"]]
-        cfg["sampling"] = {k: int(v or 0) for k, v in cfg["sampling"].items()}
+        samp = cfg["sampling"]
+        samp.update(points=int(samp["points"] or 0), tile=int(samp["tile"] or 0), band=int(samp["band"]),
+                    boundary=float(samp["boundary"] or 0), reweight=bool(samp["reweight"]))
         cfg["loss"] = {k: float(v) for k, v in cfg["loss"].items()}
     except (TypeError, ValueError) as exc:
         raise ValueError(f"config: a solver/loss value is not a number ({exc})") from None
@@ -182,6 +186,8 @@ def load_config(path=None, overrides=()):
         raise ValueError(f"data.input_scales must be a non-empty list in (0, 1], got {cfg['data']['input_scales']}")
     if (cfg["sampling"]["points"] > 0) != (cfg["sampling"]["tile"] > 0):
         raise ValueError("sampling.points and sampling.tile go together (both 0 = decode every pixel)")
+    if not 0 <= cfg["sampling"]["boundary"] < 1 or cfg["sampling"]["band"] < 0:
+        raise ValueError(f"sampling.boundary must be in [0, 1) and sampling.band >= 0, got {cfg['sampling']}")
     if list(s["steps"]) != sorted(s["steps"]):
         raise ValueError(f"solver.steps must be increasing, got {s['steps']}")
     PerturbConfig.from_dict(cfg["data"]["perturb"])  # fail early on bad perturbation options
@@ -277,43 +283,6 @@ def _worker_init(_):
     cv2.setNumThreads(1)
 
 
-class _DistEnv:
-    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
-
-    def __init__(self, device=None):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError("device cuda requested but CUDA is not available")
-            if self.world_size > 1:
-                device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
-        if self.world_size > 1 and not dist.is_initialized():
-            # Rank 0 validates while the others wait at a barrier: allow long validations.
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world_size > 1:
-            dist.barrier()
-
-    def gather(self, obj):
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-
 class _JsonLog:
     """metrics.jsonl: one JSON object per line; on resume, rows past the resumed iteration are dropped."""
 
@@ -346,7 +315,7 @@ class Trainer:
 
     def __init__(self, cfg, output_dir=None, resume=False, device=None):
         self.cfg = cfg
-        self.env = _DistEnv(device or cfg.get("device"))
+        self.env = init_from_env(device or cfg.get("device"))
         self.device = self.env.device
         if self.device.type == "cpu" and cfg.get("cpu_threads"):
             torch.set_num_threads(int(cfg["cpu_threads"]))
@@ -540,7 +509,11 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         prior = coarse * 2 - 1 if self.model_cfg.mask_skip else None
         samp = self.cfg["sampling"]
-        sample = draw_sample(len(gt), size, samp["tile"], samp["points"], device=self.device) if samp["points"] else None
+        sample = None
+        if samp["points"]:
+            band = boundary_band(gt, coarse, samp["band"]) if samp["boundary"] > 0 else None
+            sample = draw_sample(len(gt), size, samp["tile"], samp["points"], device=self.device, band=band,
+                                 boundary=samp["boundary"], reweight=samp["reweight"])
         with torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext():
             out = net(x, out_size=size, prior=prior, sample=sample)
         if sample is None:
@@ -692,12 +665,10 @@ def _setup_logging(main):
 def train_from_args(args):
     """Entry point of `crm-d2 train` and tools/train_crm.py."""
     cfg = load_config(args.config, args.overrides)
-    rank = int(os.environ.get("RANK", "0"))
-    _setup_logging(rank == 0)
+    _setup_logging(world_from_env()[0] == 0)
     trainer = Trainer(cfg, output_dir=args.output, resume=args.resume, device=getattr(args, "device", None))
     try:
         trainer.train()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown()
     return 0
