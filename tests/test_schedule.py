@@ -131,8 +131,7 @@ def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp
     from crm_d2.train.synthetic import write_pairs_folder
 
     sys.path.insert(0, str(ROOT / "tools"))
-    from calibrate_skip import dev_items
-    from heldout_eval import heldout_items
+    from heldout_eval import dev_items, heldout_items
 
     write_pairs_folder(tmp_path / "data" / "ecssd", 40, size=(64, 80), seed=3)
     judged = {it.image for it in heldout_items(tmp_path / "data", every=3)}

@@ -25,23 +25,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from heldout_eval import SOURCES, coarse_mask  # noqa: E402
+from heldout_eval import coarse_mask, dev_items  # noqa: E402
 
 from crm_d2.checkpoint import save_checkpoint  # noqa: E402
 from crm_d2.io import read_image, read_mask  # noqa: E402
 from crm_d2.metrics import RefinementMetrics  # noqa: E402
 from crm_d2.refiner import Refiner  # noqa: E402
-from crm_d2.train.data import build_items  # noqa: E402
-
-
-def dev_items(root, every=6):
-    """Held-out photos that tools/heldout_eval.py does not judge (it takes items[::3]), every `every`-th."""
-    specs = [{"type": "pairs", "root": str(Path(root) / s), "holdout_every": 10} for s in SOURCES
-             if (Path(root) / s).is_dir()]
-    if not specs:
-        raise FileNotFoundError(f"no {'/'.join(SOURCES)} folders in {root}")
-    items = build_items(specs, "val")
-    return [it for i, it in enumerate(items) if i % 3 != 0][::every]
 
 
 def score(refiner, photos, recipes):

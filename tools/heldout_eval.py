@@ -37,13 +37,24 @@ RECIPES = ("4x", "8x", "16x", "polygon")
 MIN_REGION = 0.002  # --regions: label regions smaller than this share of the image are not scored
 
 
-def heldout_items(root, every=3):
+def heldout_split(root):
+    """Every held-out item of the sources (every 10th of each, sorted by name): no training config reads them."""
     specs = [{"type": "pairs", "root": str(Path(root) / s), "holdout_every": 10} for s in SOURCES
              if (Path(root) / s).is_dir()]
     if not specs:
         raise FileNotFoundError(f"no {'/'.join(SOURCES)} folders in {root}")
-    items = build_items(specs, "val")
-    return items[::every]
+    return build_items(specs, "val")
+
+
+def heldout_items(root, every=3):
+    """The photos this tool judges: every 3rd held-out item (84)."""
+    return heldout_split(root)[::every]
+
+
+def dev_items(root, every=6):
+    """Development photos (tools/calibrate_skip.py): the held-out items this tool does not judge (with the
+    default every=3), thinned to every `every`-th."""
+    return [it for i, it in enumerate(heldout_split(root)) if i % 3 != 0][::every]
 
 
 def coarse_mask(gt, recipe, seed):
