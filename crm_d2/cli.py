@@ -49,8 +49,10 @@ def main(argv=None):
         print("interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # User-facing errors from the library carry their own explanation.
-        print(f"crm-d2 {args.command}: error: {exc}", file=sys.stderr)
+        # User-facing errors from the library carry their own explanation. Under torchrun, an error rank 0
+        # decided (crm_d2.distributed.DistEnv.decide) stops every rank but is printed by rank 0 alone.
+        if not getattr(exc, "said_by_rank0", False):
+            print(f"crm-d2 {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
 

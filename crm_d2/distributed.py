@@ -93,6 +93,7 @@ class DistEnv:
         if failure is not None:
             raise failure
         if not ok:
+            value.said_by_rank0 = True  # the CLI prints it once, on rank 0
             raise value
         return value
 
