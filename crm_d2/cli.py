@@ -48,7 +48,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         # User-facing errors from the library carry their own explanation. Under torchrun, an error rank 0
         # decided (crm_d2.distributed.DistEnv.decide) stops every rank but is printed by rank 0 alone.
         if not getattr(exc, "said_by_rank0", False):

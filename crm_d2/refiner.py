@@ -111,7 +111,7 @@ def stage_scales(scales, padded_shape, max_side=None, base=AUTO_BASE, min_side=N
     the encoder's input long side (decoding stays at full resolution, which is what makes the cap cheap);
     consecutive duplicates after capping are run once. `min_side` drops the leading stages whose input long
     side would be below it (the last stage always runs): the released ratios start at 1/8, which for a 100-px
-    segment is a 20-px encoder input that costs a full-resolution decode and carries no information."""
+    segment (a 264-px padded ROI) is a 33-px encoder input that costs a full-resolution decode and carries no information."""
     if isinstance(scales, str):
         scales = auto_scales(max(padded_shape), base)
     scales = tuple(scales)

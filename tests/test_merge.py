@@ -199,3 +199,17 @@ def test_masks_to_id_map():
     m[2, 1:4] = True
     with pytest.raises(ValueError, match=r"masks #0 and #2 of the entity list overlap \(5 pixels\)"):
         masks_to_id_map(m, where="entity list")
+
+
+def test_restoring_a_lost_segment_never_loses_another():
+    ids, segs = scene()
+    probs = coarse_probs(ids, segs)
+    # thing 4 moves onto thing 3's place and loses its own pixels to stuff 2; thing 3 gets nothing
+    probs[2][:] = 0.0
+    probs[3][:] = 0.0
+    probs[3][2:6, 2:6] = 0.95
+    probs[1][5:9, 6:10] = 0.9
+    out, kept = merge_segments(ids, segs, probs)
+    assert [s["id"] for s in kept] == [1, 2, 3, 4]  # restoring 3 empties 4, which is restored in turn
+    np.testing.assert_array_equal(out == 4, ids == 4)
+    assert check_segments(out, kept) == {s["id"]: s["area"] for s in kept}

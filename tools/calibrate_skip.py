@@ -11,7 +11,7 @@ The development photos are the held-out photos that tools/heldout_eval.py does *
 every 3rd held-out item; these are the others, `--every` thins them), so the calibration never sees the photos
 the model is judged on, and training never saw either.
 
-    python tools/calibrate_skip.py --weights runs/crm_demo/model_final.pth --output calibrated.pth
+    python tools/calibrate_skip.py --weights runs/crm_demo_ft/model_final.pth --output calibrated.pth
     python tools/calibrate_skip.py --weights W --output W2 --multipliers 1 1.25 1.5 2 --recipes 4x 8x 16x --half
 """
 import argparse

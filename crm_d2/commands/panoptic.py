@@ -54,7 +54,7 @@ def add_refine_arguments(parser, weights_default=None, instances=False):
                         "side (0 = no limit)")
     g.add_argument("--merge", choices=INSTANCE_MERGE_RULES if instances else MERGE_RULES, default=d.merge,
                    help=INSTANCE_MERGE_HELP if instances else MERGE_HELP)
-    g.add_argument("--drop-empty", action="store_true",
+    g.add_argument("--drop-empty", action="store_true", default=d.drop_empty,
                    help="drop a segment that refinement leaves without a pixel (default: it keeps its base mask)")
     g.add_argument("--limit", type=int, default=None, help="only the first N images (quick looks)")
 

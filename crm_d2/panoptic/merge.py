@@ -158,9 +158,16 @@ def merge_segments(pan_seg, segments_info, probs, rule=DEFAULT_MERGE, threshold=
             owner[fill] = orig
 
     if keep_lost:
-        lost = np.bincount(owner[owner >= 0], minlength=len(segments_info)) == 0
-        for j in np.flatnonzero(lost):  # in list order: a later restored segment wins a pixel two of them had
-            owner[pan_seg == seg_ids[j]] = j
+        # Restoring one segment can empty another (its pixels were won over the lost one's): repeat until none is
+        # lost. Original masks do not overlap, so every segment ends up with at least its restored pixels.
+        present = _index_of(seg_ids, pan_seg[pan_seg != 0])
+        had_pixels = np.bincount(present[present >= 0], minlength=len(segments_info)) > 0
+        while True:
+            lost = (np.bincount(owner[owner >= 0], minlength=len(segments_info)) == 0) & had_pixels
+            if not lost.any():
+                break
+            for j in np.flatnonzero(lost):
+                owner[pan_seg == seg_ids[j]] = j
     out = np.zeros((h, w), dtype=pan_seg.dtype)
     claimed = owner >= 0
     out[claimed] = seg_ids[owner[claimed]].astype(pan_seg.dtype)

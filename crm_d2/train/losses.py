@@ -63,9 +63,9 @@ class CRMLoss(nn.Module):
 
     def sampled(self, patch_logits, point_logits, gt, sample):
         """The same loss, estimated from a `QuerySample` (see `draw_sample`): its expectation over the draw
-        equals `forward` on the whole crop. The pointwise terms average the points (weighted by
-        `sample.weights` when they were not drawn uniformly); the gradient
-        term is the exact per-pixel term of one random tile of a partition of the crop, computed with its
+        equals `forward` on the whole crop (not for boundary points drawn with reweight=False: an emphasis).
+        The pointwise terms average the points (weighted by `sample.weights` when they were not drawn
+        uniformly); the gradient term is the exact per-pixel term of one random tile of a partition of the crop, computed with its
         Sobel context (zero outside the crop, as the dense loss pads)."""
         gt = gt.float()
         point_logits = point_logits.float()
@@ -134,7 +134,9 @@ def draw_sample(batch, size, tile, points, generator=None, device=None, band=Non
     if band is None or boundary <= 0:
         idx = torch.randint(0, H * W, (batch, points), generator=generator).to(device)
     else:
-        band = band.reshape(batch, H * W).float().cpu()
+        # on the band's device (the GPU in training); a CPU generator (tests) draws on the CPU
+        band = band.reshape(batch, H * W).float()
+        band = band.cpu() if generator is not None else band
         area = band.sum(1, keepdim=True)
         # Samples whose band is empty fall back to uniform.
         density = torch.where(area > 0, (1 - boundary) / (H * W) + boundary * band / area.clamp(min=1),
