@@ -46,15 +46,18 @@ def heldout_split(root):
     return build_items(specs, "val")
 
 
-def heldout_items(root, every=3):
-    """The photos this tool judges: every 3rd held-out item (84)."""
+JUDGED_EVERY = 3  # the photos this tool judges: every 3rd held-out item (84); the others are development photos
+
+
+def heldout_items(root, every=JUDGED_EVERY):
+    """The photos this tool judges (with the default `every`)."""
     return heldout_split(root)[::every]
 
 
 def dev_items(root, every=6):
     """Development photos (tools/calibrate_skip.py): the held-out items this tool does not judge (with the
     default every=3), thinned to every `every`-th."""
-    return [it for i, it in enumerate(heldout_split(root)) if i % 3 != 0][::every]
+    return [it for i, it in enumerate(heldout_split(root)) if i % JUDGED_EVERY != 0][::every]
 
 
 def coarse_mask(gt, recipe, seed):
@@ -140,7 +143,7 @@ def main(argv=None):
     p.add_argument("--weights", default="demo", help="'demo', a crm_d2 checkpoint or the authors' file")
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/crm-train"),
                    help="the crm-train folder")
-    p.add_argument("--every", type=int, default=3, help="take every N-th held-out photo (1 = all 251)")
+    p.add_argument("--every", type=int, default=JUDGED_EVERY, help="take every N-th held-out photo (1 = all 251)")
     p.add_argument("--limit", type=int, default=0, help="at most this many photos (0 = no limit)")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), help="coarse recipes: Nx and/or polygon")
     p.add_argument("--scales", nargs="+", default=None,
