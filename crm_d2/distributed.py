@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "TIMEOUT", "world_from_env", "init_from_env", "session", "teardown"]
+__all__ = ["DistEnv", "TIMEOUT", "world_from_env", "init_from_env", "session"]
 
 # How long a collective waits for the slowest rank. The trainer's rank 0 validates while the others wait, and a
 # command's ranks may finish far apart (unequal images), so torch's default (10 min for nccl) is too short.
@@ -45,7 +45,7 @@ class DistEnv:
 
     def __init__(self, rank=0, world_size=1, local_rank=0, device=None, owns_group=False):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
-        self.device = device
+        self.device = device  # a torch.device from init_from_env; in a plain `session` what the caller passed
         self.owns_group = owns_group  # this object set the process group up, so close() tears it down
 
     @property
@@ -128,12 +128,6 @@ def init_from_env(device=None, timeout=TIMEOUT):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         owns = True
     return DistEnv(rank, world_size, local_rank, device, owns_group=owns)
-
-
-def teardown():
-    """Destroy the process group, if any (the end of a torchrun job)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @contextmanager

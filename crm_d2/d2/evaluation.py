@@ -217,23 +217,23 @@ class CRMComparisonEvaluator(DatasetEvaluator):
     outputs under BASE_OUTPUTS_KEY; outputs without it go to both sides. Returns {"base/<task>": ...,
     "crm/<task>": ...} and logs (and writes to `output_dir`) the with/without table.
 
-    crm_enabled=False (MODEL.CRM.ENABLED False): refinement is the identity, so the base outputs are evaluated
+    crm_evaluator=None (MODEL.CRM.ENABLED False): refinement is the identity, so the base outputs are evaluated
     once and the CRM side is a copy of them (numbers and files): the layout, keys and table stay those of a
     run with CRM, so scripts that read them work with either setting.
     """
 
-    def __init__(self, base_evaluator, crm_evaluator, output_dir=None, name="", crm_enabled=True,
-                 side_dirs=None):
+    def __init__(self, base_evaluator, crm_evaluator, output_dir=None, name="", side_dirs=None):
         self._base = base_evaluator
         self._crm = crm_evaluator
         self._output_dir = output_dir
         self._name = name
-        self._crm_enabled = crm_enabled
+        self._crm_enabled = crm_evaluator is not None
         self._side_dirs = side_dirs  # (base, crm) output folders, for the copy when CRM is off
 
     def reset(self):
         self._base.reset()
-        self._crm.reset()
+        if self._crm_enabled:
+            self._crm.reset()
         self._missing_base = False
 
     def process(self, inputs, outputs):
@@ -313,6 +313,5 @@ def build_crm_evaluator(cfg, dataset_name, output_dir):
     enabled = cfg.MODEL.META_ARCHITECTURE == "CRMPostRefiner" and bool(cfg.MODEL.CRM.ENABLED)
     dirs = (os.path.join(output_dir, "base"), os.path.join(output_dir, "crm"))
     base = build_evaluator(cfg, dataset_name, dirs[0], name=f"{dataset_name} (base)")
-    crm = build_evaluator(cfg, dataset_name, dirs[1], name=f"{dataset_name} (CRM)")
-    return CRMComparisonEvaluator(base, crm, output_dir=output_dir, name=dataset_name, crm_enabled=enabled,
-                                  side_dirs=dirs)
+    crm = build_evaluator(cfg, dataset_name, dirs[1], name=f"{dataset_name} (CRM)") if enabled else None
+    return CRMComparisonEvaluator(base, crm, output_dir=output_dir, name=dataset_name, side_dirs=dirs)

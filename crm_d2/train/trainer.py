@@ -30,7 +30,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from crm_d2.checkpoint import load_checkpoint, load_state, save_checkpoint
-from crm_d2.distributed import init_from_env, teardown, world_from_env
+from crm_d2.distributed import init_from_env, world_from_env
 from crm_d2.model import CRM, CRMConfig, normalize_input
 from crm_d2.refiner import resize
 from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, val_samples
@@ -670,5 +670,5 @@ def train_from_args(args):
     try:
         trainer.train()
     finally:
-        teardown()
+        trainer.env.close()  # the process group, when this run set one up
     return 0
