@@ -70,11 +70,7 @@ if triton is not None:
 
 
 def fused_ensemble(proj, rows, cols, mlp_layers, block=64):
-    """Outputs B x R x C, as `CRM.ensemble(proj, rows, cols)`; mlp_layers is `imnet.layers` (Linear, ReLU, ...).
-
-    An MLP with several outputs (a gain head's two) runs the kernel once per output and returns B x R x C x n:
-    the blend is linear, so each output blends on its own, and the kernel stays a one-float-per-pixel kernel.
-    """
+    """Logits B x R x C, as `CRM.ensemble(proj, rows, cols)`; mlp_layers is `imnet.layers` (Linear, ReLU, ...)."""
     (iy, row_term, area_y), (ix, col_term, area_x) = rows, cols
     linears = [m for m in mlp_layers if isinstance(m, torch.nn.Linear)]
     hidden = linears[1:-1]
@@ -82,20 +78,20 @@ def fused_ensemble(proj, rows, cols, mlp_layers, block=64):
     dev = proj.device
     w = (torch.stack([m.weight for m in hidden]) if hidden else proj.new_zeros(1, K, K)).float().contiguous()
     bias = (torch.stack([m.bias for m in hidden]) if hidden else proj.new_zeros(1, K)).float().contiguous()
+    wo = linears[-1].weight[0].float().contiguous()
     B, Hl, Wl = proj.shape[:3]
     R, C = iy.shape[1], ix.shape[1]
-    n_out = linears[-1].out_features
-    out = torch.empty(n_out, B, R, C, device=dev, dtype=torch.float32)
+    out = torch.empty(B, R, C, device=dev, dtype=torch.float32)
     n = B * R * C
-    if n:
-        args = (proj.contiguous(), iy.to(torch.int32).contiguous(), row_term.float().contiguous(),
-                area_y.float().contiguous(), ix.to(torch.int32).contiguous(), col_term.float().contiguous(),
-                area_x.float().contiguous(), w, bias)
-        for k in range(n_out):
-            _decode_kernel[(triton.cdiv(n, block),)](
-                *args, linears[-1].weight[k].float().contiguous(), float(linears[-1].bias[k]), out[k], R, C, Hl,
-                Wl, n, K=K, DEPTH=len(linears) - 1, BLOCK=block)
-    return out[0] if n_out == 1 else out.permute(1, 2, 3, 0)
+    if n == 0:
+        return out
+    grid = (triton.cdiv(n, block),)
+    _decode_kernel[grid](
+        proj.contiguous(), iy.to(torch.int32).contiguous(), row_term.float().contiguous(),
+        area_y.float().contiguous(), ix.to(torch.int32).contiguous(), col_term.float().contiguous(),
+        area_x.float().contiguous(), w, bias, wo, float(linears[-1].bias[0]), out, R, C, Hl, Wl, n,
+        K=K, DEPTH=len(linears) - 1, BLOCK=block)
+    return out
 
 
 def checked_fused_ensemble(proj, rows, cols, mlp_layers, reference):

@@ -8,7 +8,6 @@ The decoder is evaluated in a factored but exact form. The MLP's first layer is 
 we project the 256-d feature map to 32-d once (`project`), gather 32-d vectors instead of 256-d ones, and add
 the position terms, which depend on the query row or the query column only. See `decode_rows`.
 """
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,7 +24,6 @@ SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
 TRUNK_BYTES_PER_PX_PER_WIDTH = 5  # peak inference activations of the trunk per input pixel, per unit of width
 _EPS_SHIFT = 1e-6
 MASK_GAIN_INIT = 3.0  # a fresh skip passes the mask through as p = sigmoid(+-3) = 0.95 / 0.05
-SOFTPLUS_ONE = math.log(math.e - 1)  # softplus(SOFTPLUS_ONE) = 1: a gain head with output 0 leaves the gain as is
 
 
 @dataclass
@@ -40,10 +38,6 @@ class CRMConfig:
     # Not in the release: add `mask_gain * mask` (the stage's input mask in [-1, 1] at each query point) to the
     # output logit, so that the network learns corrections to the mask rather than the mask itself.
     mask_skip: bool = False
-    # Needs mask_skip: the MLP gets a second output s, and the skip's gain becomes mask_gain * softplus(s + c)
-    # per query point (1x at s = 0), so that the model can trust a mask where the image agrees with it and
-    # override it where not, instead of one compromise gain for good and poor masks alike.
-    gain_head: bool = False
 
     PRESETS = {
         "r50": dict(layers=(3, 4, 6), width=64),
@@ -57,8 +51,6 @@ class CRMConfig:
             raise ValueError(f"layers must be three positive block counts, got {self.layers}")
         if self.width < 4 or self.hidden < 1 or self.depth < 1:
             raise ValueError(f"invalid CRM config {self.to_dict()}")
-        if self.gain_head and not self.mask_skip:
-            raise ValueError("gain_head scales the mask skip's gain: it needs mask_skip")
 
     @classmethod
     def preset(cls, name):
@@ -213,13 +205,13 @@ class Neck(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, in_dim, hidden, depth, outputs=1):
+    def __init__(self, in_dim, hidden, depth):
         super().__init__()
         mods, last = [], in_dim
         for _ in range(depth):
             mods += [nn.Linear(last, hidden), nn.ReLU()]
             last = hidden
-        mods.append(nn.Linear(last, outputs))
+        mods.append(nn.Linear(last, 1))
         self.layers = nn.Sequential(*mods)
 
     def forward(self, x):
@@ -258,19 +250,13 @@ class CRM(nn.Module):
         self.cfg = cfg = cfg or CRMConfig()
         self.feats = Encoder(cfg.layers, cfg.width)
         self.aspp_ = Neck(cfg.width, cfg.dropout)
-        self.imnet = MLP(cfg.feat_dim + 6, cfg.hidden, cfg.depth, outputs=2 if cfg.gain_head else 1)
+        self.imnet = MLP(cfg.feat_dim + 6, cfg.hidden, cfg.depth)
         if cfg.mask_skip:
             self.mask_gain = nn.Parameter(torch.tensor(MASK_GAIN_INIT))
 
-    def with_skip(self, decoded, prior):
-        """The output logit at the query points from the decoder's output there (`decode*`/`ensemble`) and the
-        stage's input mask there in [-1, 1] (ignored without a skip): the decoder's logit alone (release), plus
-        mask_gain * prior (mask skip), that gain scaled per query by the decoder's second output (gain head)."""
-        if not self.cfg.mask_skip:
-            return decoded
-        if not self.cfg.gain_head:
-            return decoded + self.mask_gain * prior
-        return decoded[..., 0] + self.mask_gain * F.softplus(decoded[..., 1] + SOFTPLUS_ONE) * prior
+    def mask_logit(self, prior):
+        """The skip's share of the logit for a mask in [-1, 1] at the query points, or None without a skip."""
+        return self.mask_gain * prior if self.cfg.mask_skip else None
 
     def encode(self, x):
         """x: Bx4xhxw (normalised RGB + mask in [-1, 1]) -> feature map Bx(4*width)xceil(h/2)xceil(w/2)."""
@@ -406,10 +392,9 @@ class CRM(nn.Module):
         wpos = first.weight[:, self.cfg.feat_dim :].to(dtype)
         return wpos, first.bias + wpos[:, 4] * (cell[0] * feat_grid[0]) + wpos[:, 5] * (cell[1] * feat_grid[1])
 
-    def _blend(self, logits, weights):
+    @staticmethod
+    def _blend(logits, weights):
         """LIIF's local ensemble: each neighbour's logit weighted by the area of the diagonally opposite one."""
-        if self.cfg.gain_head:  # two outputs per query
-            weights = [w[..., None] for w in weights]
         total = weights[0] + weights[1] + weights[2] + weights[3]
         out = 0
         for k in range(4):
@@ -445,11 +430,11 @@ class CRM(nn.Module):
             h = F.linear(h, layers[i].weight, layers[i].bias)
             if i + 1 < len(layers):
                 h = h.relu_()
-        return h[..., 0] if h.shape[-1] == 1 else h
+        return h[..., 0]
 
     def decode_points(self, proj, qy, qx, cell):
-        """Decoder outputs at B x N scattered query points (qy, qx: B x N coordinates in (-1, 1)), for training
-        losses that need only a sample of the pixels. Same maths as `decode` (which works on row x column grids)."""
+        """Logits at B x N scattered query points (qy, qx: B x N coordinates in (-1, 1)), for training losses
+        that need only a sample of the pixels. Same maths as `decode` (which works on row x column grids)."""
         B, Hf, Wf, C = proj.shape
         wpos, const = self._position_weights(proj.dtype, cell, (Hf, Wf))
         iy, ry = (t.view(2, B, -1) for t in axis_neighbours(qy.reshape(-1), Hf))
@@ -477,16 +462,17 @@ class CRM(nn.Module):
         proj = self.project(self.encode(x))
         H, W = out_size
         cell = (2.0 / H, 2.0 / W)
-        skip = self.cfg.mask_skip
         if sample is None:
-            out = self.decode_rows(proj, out_size, (0, H))
-            return self.with_skip(out, prior[:, 0] if skip else None)[:, None]
+            out = self.decode_rows(proj, out_size, (0, H))[:, None]
+            return out if prior is None or not self.cfg.mask_skip else out + self.mask_logit(prior)
         (y0, y1), (x0, x1) = sample.patch
         qy, qx = make_coord(H, x.device), make_coord(W, x.device)
-        patch = self.decode(proj, qy[y0:y1], qx[x0:x1], cell)
+        patch = self.decode(proj, qy[y0:y1], qx[x0:x1], cell)[:, None]
         points = self.decode_points(proj, qy[sample.rows], qx[sample.cols], cell)
-        patch = self.with_skip(patch, prior[:, 0, y0:y1, x0:x1] if skip else None)[:, None]
-        return patch, self.with_skip(points, sample.take(prior) if skip else None)
+        if self.cfg.mask_skip:
+            patch = patch + self.mask_logit(prior[:, :, y0:y1, x0:x1])
+            points = points + self.mask_logit(sample.take(prior))
+        return patch, points
 
 
 @dataclass
@@ -510,17 +496,6 @@ class QuerySample:
     def crop(self, maps):
         (y0, y1), (x0, x1) = self.patch
         return maps[:, :, y0:y1, x0:x1]
-
-
-def add_gain_head(state, cfg):
-    """The state_dict of a mask-skip model (config `cfg`, without a gain head) -> the same network with a gain
-    head whose output starts at 0 (gain x1), so that fine-tuning starts from the very outputs it grows from."""
-    last = f"imnet.layers.{2 * cfg.depth}"
-    state = dict(state)
-    w, b = state[last + ".weight"], state[last + ".bias"]
-    state[last + ".weight"] = torch.cat((w, torch.zeros_like(w)))
-    state[last + ".bias"] = torch.cat((b, torch.zeros_like(b)))
-    return state
 
 
 def upsample_rows(x, size, lo, hi):

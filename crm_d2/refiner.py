@@ -321,9 +321,11 @@ class Refiner:
             prob[:, r0:r1] = torch.sigmoid(self._logits(proj, chunk, cols, prior, (slice(r0, r1), slice(None))))
 
     def _logits(self, proj, rows, cols, prior, where):
-        """The output logits: the decoder's, with the mask skip's term (prior[:, where]) for models that have one."""
-        skip = prior[(slice(None), *where)] if self.model.cfg.mask_skip else None
-        return self.model.with_skip(self.model.ensemble(proj, rows, cols), skip)
+        """The decoder's logits, plus the mask skip's term (prior[:, where]) for models that have one."""
+        logits = self.model.ensemble(proj, rows, cols)
+        if self.model.cfg.mask_skip:
+            logits += self.model.mask_logit(prior[(slice(None), *where)])
+        return logits
 
     @torch.no_grad()
     def _refine_fast(self, images, masks, scales, max_side=None, min_side=None):

@@ -2,9 +2,9 @@
 """Calibrate the mask skip's gain of a trained model on a development split, and write the calibrated model.
 
 A model with `mask_skip` adds `mask_gain * mask` to its output logit: the gain says how far it trusts the coarse
-mask (with a gain head, `mask_gain` scales the gain of every query point). Training learns it on the training
-recipe's masks, many of them poor (polygons, 16x); users mostly feed better ones, and on those a model that
-trusts the mask too little moves good boundaries. This tool scales the gain by each multiplier of `--multipliers`, refines the development photos under each coarse recipe, and keeps
+mask. Training learns it on the training recipe's masks, many of them poor (polygons, 16x); users mostly feed
+better ones, and on those a model that trusts the mask too little moves good boundaries. This tool scales the
+gain by each multiplier of `--multipliers`, refines the development photos under each coarse recipe, and keeps
 the multiplier with the highest mean mBA gain over the recipes (refined minus coarse); IoU is reported beside.
 
 The development photos are the held-out photos that tools/heldout_eval.py does *not* judge (its 84 photos are

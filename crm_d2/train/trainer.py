@@ -21,7 +21,6 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from crm_d2.checkpoint import load_checkpoint, load_state, save_checkpoint
 from crm_d2.distributed import init_from_env, world_from_env
-from crm_d2.model import CRM, CRMConfig, add_gain_head, normalize_input
+from crm_d2.model import CRM, CRMConfig, normalize_input
 from crm_d2.refiner import resize
 from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, val_samples
 from crm_d2.train.losses import CRMLoss, boundary_band, draw_sample
@@ -46,7 +45,6 @@ __all__ = ["DEFAULTS", "load_config", "apply_overrides", "Trainer", "train_from_
 DEFAULTS = {
     "model": {"preset": "r50", "layers": None, "width": None, "hidden": None, "depth": None, "dropout": None,
               "mask_skip": None,  # True: the coarse mask's skip to the output logit (project models)
-              "gain_head": None,  # True: that skip's gain predicted per query point (needs mask_skip)
               "init": None,  # ImageNet ResNet-50 state_dict (torchvision names) for the encoder
               "weights": None},  # whole-model start (crm_d2 checkpoint or the released file), e.g. to fine-tune
     "data": {
@@ -339,15 +337,10 @@ class Trainer:
             logger.info("encoder initialised from %s (%d tensors)", cfg["model"]["init"], n)
         if cfg["model"]["weights"]:
             start = load_checkpoint(self._path(cfg["model"]["weights"]))
-            state, start_cfg = start["model"], start["config"]
-            grows = self.model_cfg.gain_head and start_cfg.mask_skip and not start_cfg.gain_head
-            if grows and replace(start_cfg, gain_head=True) == self.model_cfg:
-                state = add_gain_head(state, start_cfg)  # grow a gain head on a trained mask-skip model
-                logger.info("gain head added to %s (starts neutral: gain x1)", cfg["model"]["weights"])
-            elif start_cfg != self.model_cfg:
+            if start["config"] != self.model_cfg:
                 raise ValueError(f"model.weights {cfg['model']['weights']} holds architecture "
-                                 f"{start_cfg.to_dict()}, the config asks for {self.model_cfg.to_dict()}")
-            load_state(model, state, source=str(cfg["model"]["weights"]))
+                                 f"{start['config'].to_dict()}, the config asks for {self.model_cfg.to_dict()}")
+            load_state(model, start["model"], source=str(cfg["model"]["weights"]))
         model.to(self.device)
         if sol["channels_last"]:
             model.to(memory_format=torch.channels_last)
