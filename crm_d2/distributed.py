@@ -114,6 +114,8 @@ def _local_device(device, world_size, local_rank):
             raise ValueError("device cuda requested but CUDA is not available")
         if world_size > 1:
             device = torch.device("cuda", local_rank)
+        elif device.index is None:  # torch.cuda.set_device refuses a device without an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 

@@ -165,3 +165,25 @@ def test_refine_big_dir_two_processes_equal_one(big_dir, tmp_path):
     assert f"crm-d2 refine: error: {big_dir / 'b_seg.png'} is 20x20 but {big_dir / 'b_im.jpg'} is 120x90" in bad.stderr
     # Rank 0, if torchrun has not stopped it first, names what happened rather than the backend's error.
     assert bad.stderr.count("crm-d2 refine: error:") == 1 + bad.stderr.count("another process of this run stopped")
+
+
+def test_plain_cuda_device_gets_the_current_index(monkeypatch):
+    """`--device cuda` in a single process: torch.cuda.set_device refuses a device without an index (torch 2.11,
+    seen on an H200: every CUDA training run failed), so it becomes cuda:<current device>."""
+    import torch
+
+    from crm_d2.distributed import _local_device
+
+    def set_device(dev):
+        if isinstance(dev, torch.device) and dev.index is None:
+            raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
+        calls.append(dev)
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    assert _local_device("cuda", 1, 0) == torch.device("cuda", 3) == calls[-1]
+    assert _local_device(None, 1, 0) == torch.device("cuda", 3)
+    assert _local_device("cuda:1", 1, 0) == torch.device("cuda", 1)
+    assert _local_device("cuda", 4, 2) == torch.device("cuda", 2)  # torchrun: the rank's own GPU

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from crm_d2.checkpoint import load_checkpoint, load_model
+from crm_d2.io import read_image, read_mask
 from crm_d2.model import CRM, CRMConfig
 from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, list_fss, list_pairs
 from crm_d2.train.synthetic import make_scene, write_big_folder, write_pairs_folder
@@ -92,6 +93,14 @@ def test_shipped_configs_load():
         assert cfg["model"]["preset"] == "tiny"
         tr = {(s["root"], s.get("holdout_every")) for s in cfg["data"]["train"]}
         assert tr == {(s["root"], s.get("holdout_every")) for s in cfg["data"]["val"]}
+    # The GPU recipes train on exactly the demo model's training split (the held-out photos judge them all).
+    demo = load_config(root / "crm_demo.yaml")
+    for name in ("crm_r50_skip.yaml", "crm_small_skip.yaml"):
+        cfg = load_config(root / name)
+        assert cfg["data"]["train"] == demo["data"]["train"] and cfg["model"]["mask_skip"]
+        assert cfg["data"]["val"] == [] and cfg["solver"]["amp"] and cfg["checkpoint"]["export_half"]
+    for path in root.glob("crm_*.yaml"):
+        load_config(path)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -314,3 +323,83 @@ def test_command_line_entry(tmp_path, device):
                               "--resume"])
     assert command.run(args) == 0
     assert (tmp_path / "out" / "model_0000002.pth").exists()
+
+
+# ----------------------------------------------------------------------------------------------- time budget
+def test_fit_to_budget_keeps_the_steps_fractions():
+    from crm_d2.train.trainer import fit_to_budget
+
+    assert fit_to_budget(30, 10.0, 97.0, 45000, [22500, 37500]) == (1000, [500, 833])
+    assert fit_to_budget(30, 10.0, -5.0, 100, [50]) == (31, [16])  # budget spent in the probe: one more
+
+
+def test_time_budget_fits_max_iter_and_resume_keeps_it(tmp_path, monkeypatch):
+    import crm_d2.train.trainer as trainer_mod
+
+    # A fake clock that advances 1 s per training step: the probe measures 1 iteration/s whatever the machine,
+    # so 80 s of budget, 30 of them spent by the warm-up and the probe, fit 80 iterations.
+    now = [0.0]
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: now[0])
+    step = Trainer.step
+
+    def timed_step(self, batch):
+        now[0] += 1.0
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "step", timed_step)
+    cfg = tiny_cfg(tmp_path, "solver.max_iter=100", "solver.steps=[50, 75]", "solver.time_budget_s=80",
+                   "checkpoint.period=1000")
+    t = Trainer(cfg)
+    t.train()
+    fitted = t.max_iter
+    assert fitted == 80 and t.iteration == 80 and (tmp_path / "model_final.pth").exists()
+    assert sorted(t.scheduler.milestones) == [40, 60]
+    assert t.scheduler.get_last_lr() == [pytest.approx(2.25e-6)]  # both steps taken
+    written = load_config(tmp_path / "config.yaml")["solver"]
+    assert (written["max_iter"], written["steps"], written["time_budget_s"]) == (fitted, sorted(t.scheduler.milestones), None)
+    # The final checkpoint holds the fitted length: resuming with the same (budgeted) config does not train on.
+    ck = load_checkpoint(tmp_path / f"model_{fitted:07d}.pth")
+    assert ck["train_config"]["solver"]["max_iter"] == fitted
+    again = Trainer(tiny_cfg(tmp_path, "solver.max_iter=100", "solver.steps=[50, 75]", "solver.time_budget_s=80"),
+                    resume=True)
+    assert again.iteration == again.max_iter == fitted
+    assert again.train() is None and again.iteration == fitted
+
+
+def test_time_budget_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="time_budget_s"):
+        tiny_cfg(tmp_path, "solver.time_budget_s=-1")
+    with pytest.raises(ValueError, match="time_budget_s"):
+        tiny_cfg(tmp_path, "solver.time_budget_s=soon")
+
+
+def test_pack_data_carries_the_training_split_only(tmp_path):
+    """tools/pack_data.py: the training part of each source (held-out and excluded items stay behind), images
+    re-encoded, masks kept exactly, and a data.train list that finds them again."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    src = tmp_path / "photos"
+    for i in range(20):
+        _pair(src, f"{i:04d}", size=(48, 64))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"train": [{"type": "pairs", "root": str(src), "holdout_every": 10,
+                                                          "exclude": ["0005"]}]}}))
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "packed"
+    proc = subprocess.run([sys.executable, str(root / "tools" / "pack_data.py"), "--config", str(config),
+                           "--out", str(out), "--format", "webp", "--quality", "90"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    specs = yaml.safe_load((out / "sources.yaml").read_text())
+    packed = build_items(specs, "train")
+    want = build_items(load_config(config)["data"]["train"], "train")
+    assert [it.name.split("/")[-1] for it in packed] == [it.name.split("/")[-1] for it in want]
+    assert len(packed) == 17  # 20, less 0000 and 0010 (held out) and 0005 (excluded)
+    for a, b in zip(packed, want):
+        assert a.image.suffix == ".webp"
+        assert np.array_equal(read_mask(a.mask), np.where(read_mask(b.mask) > 127, 255, 0))
+        assert np.abs(read_image(a.image).astype(int) - read_image(b.image).astype(int)).mean() < 8

@@ -84,7 +84,7 @@ def part_list(args, out):
                       cmd=me + ["--part", "kernel", "--device", dev, "--result", str(out / "kernel.json")]
                       + (["--quick"] if quick else []),
                       # on CPU the kernel runs in Triton's interpreter, where Triton is installed
-                      env={"TRITON_INTERPRET": "1"} if dev == "cpu" else {},
+                      env={"CRM_D2_TRITON": "1", **({"TRITON_INTERPRET": "1"} if dev == "cpu" else {})},
                       timeout_s=90, parse=lambda p: read_json(out / "kernel.json"), outputs=[out / "kernel.json"]))
     cap = ["--gpu-memory-gb", str(CARD_GB - CONTEXT_GB)]
     parts.append(dict(name="memory", what=f"{big} exact, --budget-mb 256, allocator capped at "
@@ -228,9 +228,12 @@ def install(wheels, log_path):
         results["missing_before"] = missing
         if missing and pip_run(missing) != 0:
             results["error"] = f"could not install {missing} from {wheels}"
-        for extra in ([], ["--no-build-isolation"]):
+        # Offline, build isolation cannot fetch setuptools, and without --use-pep517 pip falls back to
+        # `setup.py develop`, which calls pip with isolation again (seen on the H200 machine): build with the
+        # setuptools already installed, through PEP 660.
+        for extra in ([], ["--no-build-isolation", "--use-pep517"]):
             if pip_run(extra + ["--no-deps", "-e", str(ROOT)]) == 0:
-                results["editable"] = "installed" + (" (--no-build-isolation)" if extra else "")
+                results["editable"] = "installed" + (f" ({' '.join(extra)})" if extra else "")
                 break
         else:
             results["editable"] = "failed: running crm_d2 from the checkout (PYTHONPATH)"

@@ -39,7 +39,13 @@ from crm_d2.train.perturb import PerturbConfig
 
 logger = logging.getLogger("crm_d2.train")
 
-__all__ = ["DEFAULTS", "load_config", "apply_overrides", "Trainer", "train_from_args", "load_imagenet_encoder"]
+__all__ = ["DEFAULTS", "load_config", "apply_overrides", "Trainer", "train_from_args", "load_imagenet_encoder",
+           "fit_to_budget"]
+
+# A time budget is fitted on the speed of these iterations: the first ones pay for worker start-up, cuDNN's
+# algorithm search and the allocator's growth, and are left out.
+BUDGET_WARMUP_ITERS = 10
+BUDGET_PROBE_ITERS = 20
 
 # Every key a config may set; a config file or an override naming anything else is an error (typos fail loudly).
 DEFAULTS = {
@@ -76,6 +82,9 @@ DEFAULTS = {
         "sync_bn": False,
         "grad_clip": None,
         "channels_last": False,  # channels_last memory format for the encoder (faster convolutions)
+        # Seconds of training for a machine lent for a fixed time: max_iter becomes what fits at the speed of
+        # the first iterations (`fit_to_budget`), the steps keep their fractions of it. None: max_iter as given.
+        "time_budget_s": None,
     },
     "loss": {"bce": 1.0, "l1": 0.5, "l2": 0.5, "grad": 2.0},
     # Validation reads at most max_items items (evenly spread over the sources), the final one too. scales
@@ -188,10 +197,24 @@ def load_config(path=None, overrides=()):
         raise ValueError("sampling.points and sampling.tile go together (both 0 = decode every pixel)")
     if not 0 <= cfg["sampling"]["boundary"] < 1 or cfg["sampling"]["band"] < 0:
         raise ValueError(f"sampling.boundary must be in [0, 1) and sampling.band >= 0, got {cfg['sampling']}")
+    if s["time_budget_s"] is not None:
+        try:
+            s["time_budget_s"] = float(s["time_budget_s"])
+        except (TypeError, ValueError):
+            raise ValueError(f"solver.time_budget_s must be a number of seconds, got {s['time_budget_s']!r}") from None
+        if s["time_budget_s"] <= 0:
+            raise ValueError(f"solver.time_budget_s must be positive, got {s['time_budget_s']}")
     if list(s["steps"]) != sorted(s["steps"]):
         raise ValueError(f"solver.steps must be increasing, got {s['steps']}")
     PerturbConfig.from_dict(cfg["data"]["perturb"])  # fail early on bad perturbation options
     return cfg
+
+
+def fit_to_budget(iteration, iters_per_s, seconds_left, max_iter, steps):
+    """(max_iter, steps) for `seconds_left` more seconds at `iters_per_s`, each step at the same fraction of the
+    run as in the config (which then says the shape of the schedule, not its length)."""
+    fitted = iteration + max(1, int(iters_per_s * max(0.0, seconds_left)))
+    return fitted, [max(1, round(s * fitted / max_iter)) for s in steps]
 
 
 def model_config(cfg):
@@ -426,6 +449,10 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
+        fitted = (ckpt.get("train_config") or {}).get("solver", {})
+        if self.cfg["solver"]["time_budget_s"] and fitted.get("time_budget_s") is None and fitted.get("max_iter"):
+            self.max_iter = int(fitted["max_iter"])  # the length the budget was fitted to (steps: scheduler state)
+            self._fitted(self.max_iter, list(self.scheduler.milestones))
         states = ckpt.get("rng") or []
         if len(states) == self.env.world_size:
             _set_rng_state(states[self.env.rank])
@@ -541,6 +568,11 @@ class Trainer:
         Returns the last validation summary (or None)."""
         from tqdm import tqdm
 
+        budget = self.cfg["solver"]["time_budget_s"]
+        probe = (self.iteration + BUDGET_WARMUP_ITERS, self.iteration + BUDGET_WARMUP_ITERS + BUDGET_PROBE_ITERS)
+        if budget:
+            t_start = time.perf_counter()
+            self.max_iter = max(self.max_iter, probe[1])  # fitted at the end of the probe
         end = self.max_iter if stop_at is None else min(self.max_iter, int(stop_at))
         if self.iteration >= self.max_iter:
             logger.info("already trained to iteration %d (solver.max_iter)", self.iteration)
@@ -564,6 +596,14 @@ class Trainer:
                 batch = next(data_iter)
                 t_data += time.perf_counter() - td
                 loss, parts = self.step(batch)
+                if budget and self.iteration == probe[0]:
+                    self._sync()
+                    t_probe = time.perf_counter()
+                elif budget and self.iteration == probe[1]:
+                    self._fit_budget(budget, time.perf_counter() - t_start, t_probe)
+                    end = self.max_iter if stop_at is None else min(self.max_iter, int(stop_at))
+                    bar.total = self.max_iter
+                    budget = None
                 for k, v in [("loss", loss)] + list(parts.items()):
                     sums[k] = sums.get(k, 0.0) + v  # tensors: no device sync until the log line
                 count += 1
@@ -601,6 +641,33 @@ class Trainer:
                 logger.info("wrote %s", p)
         self.env.barrier()
         return summary
+
+    def _fit_budget(self, budget, elapsed, t_probe):
+        """Fit max_iter and the steps to the time left, from the probe's speed (rank 0's, shared by all)."""
+        sol = self.cfg["solver"]
+        self._sync()
+        rate = BUDGET_PROBE_ITERS / max(1e-9, time.perf_counter() - t_probe)
+        max_iter, steps = fit_to_budget(self.iteration, rate, budget - elapsed, sol["max_iter"], sol["steps"])
+        fitted = torch.tensor([max_iter, *steps])
+        if self.env.world_size > 1:
+            fitted = fitted.to(self.device)
+            dist.broadcast(fitted, 0)
+        max_iter, *steps = fitted.tolist()
+        self._fitted(max_iter, steps)
+        if self.env.main:
+            logger.info("time budget %.0f s: %.2f iterations/s after %.0f s, so max_iter %d, steps %s",
+                        budget, rate, elapsed, max_iter, steps)
+            with open(self.out / "config.yaml", "w") as f:  # what a rerun of this exact run would say
+                yaml.safe_dump({k: v for k, v in self.cfg.items() if not k.startswith("_")}, f, sort_keys=False)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _fitted(self, max_iter, steps):
+        self.max_iter = max_iter
+        self.cfg["solver"].update(max_iter=max_iter, steps=list(steps), time_budget_s=None)
+        self.scheduler.milestones = Counter(steps)
 
     # ------------------------------------------------------------------------------------------- validation
     @torch.no_grad()
