@@ -50,7 +50,8 @@ def check_kernel_against_torch(device, cases, randomize_model):
     assert kernels._state == {"checked": True, "ok": True}
 
 
-def test_kernel_matches_torch(device, randomize_model):
+def test_kernel_matches_torch(device, randomize_model, monkeypatch):
+    monkeypatch.setenv("CRM_D2_TRITON", "1")  # the kernel is opt-in; `CRM.ensemble` dispatches to it when asked
     if device != "cpu":  # the real thing
         check_kernel_against_torch(device, CUDA_CASES, randomize_model)
         return
