@@ -21,7 +21,7 @@ import cv2
 import yaml
 from tqdm import tqdm
 
-from crm_d2.io import atomic_write, read_image, read_mask
+from crm_d2.io import atomic_write, imread, read_mask
 from crm_d2.train.data import build_items
 from crm_d2.train.trainer import load_config
 
@@ -40,7 +40,7 @@ def pack_source(items, folder, fmt, quality):
             shutil.copyfile(item.image, dst)
         else:
             ext, flag = ENCODERS[fmt]
-            ok, buf = cv2.imencode(ext, cv2.cvtColor(read_image(item.image), cv2.COLOR_RGB2BGR), [flag, quality])
+            ok, buf = cv2.imencode(ext, imread(item.image, cv2.IMREAD_COLOR), [flag, quality])  # BGR in, BGR out
             if not ok:
                 raise RuntimeError(f"cannot encode {item.image} as {fmt}")
             dst = folder / "images" / f"{stem}{ext}"

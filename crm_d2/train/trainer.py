@@ -403,8 +403,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self.jsonl = _JsonLog(self.out / "metrics.jsonl", resume_iter)
             self.tb = self._tensorboard()
-            with open(self.out / "config.yaml", "w") as f:
-                yaml.safe_dump({k: v for k, v in cfg.items() if not k.startswith("_")}, f, sort_keys=False)
+            self._write_config()
         self._refiner = None
 
     # ------------------------------------------------------------------------------------------- paths
@@ -474,7 +473,7 @@ class Trainer:
             optimizer=self.optimizer.state_dict(), scheduler=_scheduler_state(self.scheduler),
             scaler=self.scaler.state_dict() if self.amp else None, iteration=self.iteration, rng=rng,
             sampler={"position": self.iteration * self.cfg["solver"]["batch_size"], "seed": int(self.cfg["seed"])},
-            train_config={k: v for k, v in self.cfg.items() if not k.startswith("_")},
+            train_config=self._public_config(),
         )
         tmp = self.out / ".last_checkpoint.tmp"
         tmp.write_text(name + "\n")
@@ -657,8 +656,14 @@ class Trainer:
         if self.env.main:
             logger.info("time budget %.0f s: %.2f iterations/s after %.0f s, so max_iter %d, steps %s",
                         budget, rate, elapsed, max_iter, steps)
-            with open(self.out / "config.yaml", "w") as f:  # what a rerun of this exact run would say
-                yaml.safe_dump({k: v for k, v in self.cfg.items() if not k.startswith("_")}, f, sort_keys=False)
+            self._write_config()  # the fitted length: what a rerun of this exact run would say
+
+    def _public_config(self):
+        return {k: v for k, v in self.cfg.items() if not k.startswith("_")}  # "_base_dir" is this machine's
+
+    def _write_config(self):
+        with open(self.out / "config.yaml", "w") as f:
+            yaml.safe_dump(self._public_config(), f, sort_keys=False)
 
     def _sync(self):
         if self.device.type == "cuda":
