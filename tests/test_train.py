@@ -13,7 +13,8 @@ from crm_d2.io import read_image, read_mask
 from crm_d2.model import CRM, CRMConfig
 from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, list_fss, list_pairs
 from crm_d2.train.synthetic import make_scene, write_big_folder, write_pairs_folder
-from crm_d2.train.trainer import Trainer, load_config, load_imagenet_encoder
+from crm_d2.train.config import load_config
+from crm_d2.train.trainer import Trainer, load_imagenet_encoder
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,7 +6,8 @@ import torch
 
 from crm_d2.model import CRM, CRMConfig, QuerySample
 from crm_d2.train.losses import CRMLoss, boundary_band, draw_sample
-from crm_d2.train.trainer import Trainer, load_config
+from crm_d2.train.config import load_config
+from crm_d2.train.trainer import Trainer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,24 +25,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from heldout_eval import coarse_mask, dev_items  # noqa: E402
+from heldout_eval import dev_items, evaluate, load_photos  # noqa: E402
 
 from crm_d2.checkpoint import save_checkpoint  # noqa: E402
-from crm_d2.io import read_image, read_mask  # noqa: E402
-from crm_d2.metrics import RefinementMetrics  # noqa: E402
 from crm_d2.refiner import Refiner  # noqa: E402
-
-
-def score(refiner, photos, recipes):
-    """{recipe: summary} of coarse vs refined IoU/mBA (percent) on the loaded photos."""
-    out = {}
-    for recipe in recipes:
-        m = RefinementMetrics()
-        for k, (image, gt) in enumerate(photos):
-            coarse = coarse_mask(gt, recipe, k)
-            m.update(refiner.refine(image, coarse, output="binary").astype(np.uint8) * 255, gt, coarse=coarse)
-        out[recipe] = m.summary()
-    return out
 
 
 def main(argv=None):
@@ -64,13 +50,13 @@ def main(argv=None):
     if not model.cfg.mask_skip:
         raise SystemExit(f"{args.weights}: this model has no mask skip; nothing to calibrate")
     learned = float(model.mask_gain)
-    photos = [(read_image(it.image), read_mask(it.mask)) for it in dev_items(args.data, args.every)]
+    photos = list(load_photos(dev_items(args.data, args.every)))
     print(f"{len(photos)} development photos, learned gain {learned:.3f}", file=sys.stderr)
     table = []
     for mult in tqdm(args.multipliers, desc="gains"):
         with torch.no_grad():
             model.mask_gain.fill_(learned * mult)
-        res = score(refiner, photos, args.recipes)
+        res = {r: parts["all"] for r, parts in evaluate(refiner, photos, args.recipes, progress=False).items()}
         gain = float(np.mean([res[r]["mba"] - res[r]["coarse_mba"] for r in args.recipes]))
         table.append({"multiplier": mult, "gain": learned * mult, "mean_mba_gain": gain, "recipes": res})
         cells = "  ".join(f"{r} {res[r]['iou']:.2f}/{res[r]['mba']:.2f} (coarse {res[r]['coarse_iou']:.2f}/"

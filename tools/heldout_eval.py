@@ -88,30 +88,38 @@ def region_masks(item):
             and np.count_nonzero(lab == v) >= MIN_REGION * lab.size]
 
 
-def evaluate(refiner, items, recipes, regions=False, upscale_to=None, write_big=None, scales=None,
-             pictures=None, picture_names=()):
-    """{recipe: {"all": summary, source: summary}} of coarse vs refined IoU/mBA (percent). `pictures`: a folder
-    for image | coarse | CRM | ground truth pictures of the photos named in `picture_names` (e.g. ccp/0011)."""
-    meters = {r: {"all": RefinementMetrics()} for r in recipes}
-    for k, item in enumerate(tqdm(items, desc="held-out", unit="photo", file=sys.stderr)):
+def load_photos(items, regions=False, upscale_to=None):
+    """(name, image, ground-truth masks) per item, in order (a photo's index seeds its polygon masks); `regions`:
+    CCP label regions instead of the silhouette; `upscale_to`: scale to this long side first."""
+    for item in items:
         image = read_image(item.image)
         gts = region_masks(item) if regions else [read_mask(item.mask)]
         if upscale_to:
             image, gts = upscale(image, gts, upscale_to)
-        gts = [g for g in gts if g.any()]
+        yield item.name, image, [g for g in gts if g.any()]
+
+
+def evaluate(refiner, photos, recipes, regions=False, write_big=None, scales=None, pictures=None,
+             picture_names=(), progress=True):
+    """{recipe: {"all": summary, source: summary}} of coarse vs refined IoU/mBA (percent) on `load_photos`'
+    photos. `regions`: refine each photo's masks together in ROI mode. `pictures`: a folder for image | coarse |
+    CRM | ground truth pictures of the photos named in `picture_names` (e.g. ccp/0011)."""
+    meters = {r: {"all": RefinementMetrics()} for r in recipes}
+    for k, (photo, image, gts) in enumerate(tqdm(photos, desc="held-out", unit="photo", file=sys.stderr,
+                                                  disable=not progress)):
         if not gts:
             continue
-        source = item.name.split("/")[0]
+        source = photo.split("/")[0]
         for recipe in recipes:
             coarse = [coarse_mask(g, recipe, k) for g in gts]
             probs = refiner.refine_batch(image, coarse, roi=regions, scales=scales, output="prob")
-            if pictures and item.name in picture_names:
-                write_png(Path(pictures) / f"{item.name.replace('/', '_')}_{recipe}.png",
+            if pictures and photo in picture_names:
+                write_png(Path(pictures) / f"{photo.replace('/', '_')}_{recipe}.png",
                           side_by_side(image, [mask_panel(f"coarse {recipe}", *(c > 127 for c in coarse)),
                                                mask_panel("CRM", *(p > 0.5 for p in probs)),
                                                mask_panel("ground truth", *(g > 127 for g in gts))]))
             for j, (g, c, p) in enumerate(zip(gts, coarse, probs)):
-                name = f"{item.name.replace('/', '_')}" + (f"_r{j}" if regions else "")
+                name = photo.replace("/", "_") + (f"_r{j}" if regions else "")
                 for key in ("all", source):
                     meters[recipe].setdefault(key, RefinementMetrics()).update(p, g, c, name=name)
                 if write_big:
@@ -172,8 +180,9 @@ def main(argv=None):
     if args.limit:
         items = items[: args.limit]
     t0 = time.perf_counter()
-    results = evaluate(refiner, items, args.recipes, args.regions, args.upscale, args.write_big, scales,
-                       args.pictures, set(args.picture_names))
+    photos = load_photos(items, args.regions, args.upscale)
+    results = evaluate(refiner, photos, args.recipes, args.regions, args.write_big, scales, args.pictures,
+                       set(args.picture_names))
     took = time.perf_counter() - t0
     what = (f"weights {args.weights}, scales {scales or refiner.scales}, {len(items)} held-out photos"
             f"{', CCP regions in ROI mode' if args.regions else ''}"

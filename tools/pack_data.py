@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from crm_d2.io import atomic_write, imread, read_mask
 from crm_d2.train.data import build_items
-from crm_d2.train.trainer import load_config
+from crm_d2.train.config import load_config
 
 ENCODERS = {"webp": (".webp", cv2.IMWRITE_WEBP_QUALITY), "jpg": (".jpg", cv2.IMWRITE_JPEG_QUALITY)}
 

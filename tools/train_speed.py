@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from crm_d2.train.trainer import Trainer, load_config
+from crm_d2.train.config import load_config
+from crm_d2.train.trainer import Trainer
 
 
 def measure(config, overrides, threads, steps, warmup, samples):
