@@ -5,7 +5,8 @@ import torch
 from crm_d2.metrics import iou
 from crm_d2.model import CRMConfig
 from crm_d2.reference import reference_refine
-from crm_d2.refiner import Refiner, roi_box, stage_scales
+from crm_d2.refiner import Refiner
+from crm_d2.schedule import roi_box, stage_scales
 
 # Probabilities of the random tiny model come from logits up to ~20: tolerances on CUDA scale with that.
 LOGIT_SCALE = 20
@@ -159,7 +160,7 @@ def test_bad_arguments(refiner, scene):
 def test_fast_mode_tiles_equal_dense_when_halo_covers_the_image(refiner, scene, tol):
     # With a band covering everything and a halo as big as the image, every tile's encoder sees the whole
     # image, so tiled decoding through feature offsets must equal decoding the whole map at once.
-    from crm_d2.refiner import FastOptions
+    from crm_d2.fast import FastOptions
 
     img, _, coarse = scene
     refiner.mode = "fast"
@@ -172,7 +173,7 @@ def test_fast_mode_tiles_equal_dense_when_halo_covers_the_image(refiner, scene, 
 
 
 def test_fast_mode_keeps_settled_pixels_from_the_previous_stage(refiner, scene):
-    from crm_d2.refiner import FastOptions
+    from crm_d2.fast import FastOptions
 
     img, _, coarse = scene
     refiner.mode = "fast"
@@ -186,7 +187,7 @@ def test_fast_mode_keeps_settled_pixels_from_the_previous_stage(refiner, scene):
 
 
 def test_fast_mode_low_stages_decode_what_the_next_stage_reads(refiner, scene):
-    from crm_d2.refiner import FastOptions
+    from crm_d2.fast import FastOptions
 
     img, _, coarse = scene
     exact = refiner.refine(img, coarse)
@@ -205,7 +206,7 @@ def test_resize_positions_are_where_interpolate_samples():
     import torch.nn.functional as F
 
     from crm_d2.model import make_coord
-    from crm_d2.refiner import resize_positions
+    from crm_d2.fast import resize_positions
 
     n_in, n_out = 37, 10
     ramp = make_coord(n_in)  # a linear ramp of pixel-centre coordinates: bilinear sampling returns positions
@@ -227,7 +228,7 @@ def test_tight_memory_budget_tiles_the_trunk_and_changes_nothing(refiner, scene,
 def test_band_cells_marks_the_contour_and_unsettled_pixels():
     import torch
 
-    from crm_d2.refiner import band_cells
+    from crm_d2.fast import band_cells
 
     prev = torch.zeros(1, 1, 64, 128)
     prev[..., :, :40] = 1  # a vertical contour between x=39 and x=40
@@ -241,7 +242,7 @@ def test_band_cells_marks_the_contour_and_unsettled_pixels():
 
 
 def test_fast_mode_with_one_scale_refines_a_band_around_the_coarse_mask(refiner, scene, tol):
-    from crm_d2.refiner import FastOptions
+    from crm_d2.fast import FastOptions
 
     img, _, coarse = scene
     refiner.scales = (1.0,)

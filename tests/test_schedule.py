@@ -10,7 +10,8 @@ import torch
 
 from crm_d2.checkpoint import save_checkpoint
 from crm_d2.model import CRM, CRMConfig
-from crm_d2.refiner import DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, Refiner, auto_scales, stage_scales
+from crm_d2.refiner import Refiner
+from crm_d2.schedule import DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, auto_scales, stage_scales
 from crm_d2.train.perturb import PerturbConfig, blob_perturb, lowres_protocol, mask_iou, perturb_mask
 
 ROOT = Path(__file__).resolve().parents[1]

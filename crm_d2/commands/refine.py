@@ -133,7 +133,7 @@ def run_settings(args):
 def write_picture(folder, image, coarse, refined, name):
     """image | coarse | refined (as written, 0..255) as DIR/NAME.png; masks shown at 50%, the coarse one read as
     the Refiner reads it (0/1 or 0..255)."""
-    from ..refiner import to_mask_array
+    from ..inputs import to_mask_array
 
     panels = [mask_panel("image", np.zeros(coarse.shape, bool)), mask_panel("coarse", to_mask_array(coarse) > 0.5),
               mask_panel("refined", refined > 127)]

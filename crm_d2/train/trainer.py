@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from crm_d2.checkpoint import load_checkpoint, load_state, save_checkpoint
 from crm_d2.distributed import init_from_env, world_from_env
 from crm_d2.model import CRM, normalize_input
-from crm_d2.refiner import resize
+from crm_d2.inputs import resize
 from crm_d2.train.config import DEFAULTS, apply_overrides, load_config, model_config  # noqa: F401  (re-exported)
 from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, val_samples
 from crm_d2.train.losses import CRMLoss, boundary_band, draw_sample

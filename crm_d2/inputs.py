@@ -1,0 +1,88 @@
+"""The release's input conventions (reflect padding, resize) and the checks every public entry point applies:
+one place that turns what users pass (RGB or BGR arrays, tensors, bool/uint8/float masks) into what the
+engine needs, with a one-line error naming the problem otherwise."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PAD = 32  # the release reflect-pads image and mask by this many pixels
+OUTPUTS = ("prob", "binary", "uint8")
+
+
+def resize(x, size):
+    """The release's resize (bilinear, align_corners); at the same size that is the identity, and no copy is
+    made (at 6K each copy of the padded image is 300 MB)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def to_rgb_array(image, bgr=False):
+    """Validate an image and return it as contiguous HxWx3 uint8 RGB."""
+    if image is None:
+        raise ValueError("image is None (did cv2.imread fail?)")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be HxWx3 (RGB), got shape {image.shape}")
+    if image.dtype != np.uint8:
+        if not np.issubdtype(image.dtype, np.floating) or image.min() < 0 or image.max() > 1:
+            raise ValueError(f"image must be uint8 0..255 or float in [0, 1], got {image.dtype} "
+                             f"in [{image.min()}, {image.max()}]")
+        image = np.round(image * 255).astype(np.uint8)
+    if min(image.shape[:2]) <= PAD:
+        raise ValueError(f"image is {image.shape[0]}x{image.shape[1]}: CRM needs at least {PAD + 1} pixels per side "
+                         f"(it reflect-pads {PAD} px); upscale small images first")
+    if bgr:
+        image = image[..., ::-1]
+    return np.ascontiguousarray(image)
+
+
+def to_mask_array(mask, shape=None):
+    """Validate one mask and return it as HxW float32 in [0, 1]."""
+    if mask is None:
+        raise ValueError("mask is None (did cv2.imread fail?)")
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        extra = " (it has channels: pass a single-channel mask, e.g. mask[..., 0])" if mask.ndim == 3 else ""
+        raise ValueError(f"mask must be HxW, got shape {mask.shape}{extra}")
+    if shape is not None and mask.shape != tuple(shape):
+        raise ValueError(f"mask is {mask.shape[0]}x{mask.shape[1]} but the image is {shape[0]}x{shape[1]}: "
+                         "they must have the same size")
+    if mask.dtype == bool:
+        return mask.astype(np.float32)
+    if mask.dtype == np.uint8:
+        return mask.astype(np.float32) / (255.0 if mask.max() > 1 else 1.0)
+    if np.issubdtype(mask.dtype, np.integer):
+        if mask.min() < 0 or mask.max() > 255:
+            raise ValueError(f"integer mask values must be 0/1 or 0..255, got [{mask.min()}, {mask.max()}]")
+        return mask.astype(np.float32) / (255.0 if mask.max() > 1 else 1.0)
+    mask = mask.astype(np.float32)
+    if not np.isfinite(mask).all():
+        raise ValueError("mask contains NaN or infinite values")
+    if mask.min() < 0 or mask.max() > 1:
+        raise ValueError(f"float mask values must lie in [0, 1], got [{mask.min():.4g}, {mask.max():.4g}]")
+    return mask
+
+
+def to_mask_stack(masks, shape):
+    if isinstance(masks, (np.ndarray, torch.Tensor)) and masks.ndim == 3 and masks.shape[-1] not in (1, 3):
+        masks = list(masks)
+    if isinstance(masks, (np.ndarray, torch.Tensor)):
+        masks = [masks]
+    if len(masks) == 0:
+        raise ValueError("no masks given")
+    return np.ascontiguousarray(np.stack([to_mask_array(m, shape) for m in masks]))
+
+
+def format_output(probs, output):
+    if output == "binary":
+        return probs > 0.5
+    if output == "uint8":
+        return np.floor(probs * 255).astype(np.uint8)
+    return probs
