@@ -100,7 +100,7 @@ def load_photos(items, regions=False, upscale_to=None):
 
 
 def evaluate(refiner, photos, recipes, regions=False, write_big=None, scales=None, pictures=None,
-             picture_names=(), progress=True):
+             picture_names=(), progress=True, max_side=None):
     """{recipe: {"all": summary, source: summary}} of coarse vs refined IoU/mBA (percent) on `load_photos`'
     photos. `regions`: refine each photo's masks together in ROI mode. `pictures`: a folder for image | coarse |
     CRM | ground truth pictures of the photos named in `picture_names` (e.g. ccp/0011)."""
@@ -112,7 +112,8 @@ def evaluate(refiner, photos, recipes, regions=False, write_big=None, scales=Non
         source = photo.split("/")[0]
         for recipe in recipes:
             coarse = [coarse_mask(g, recipe, k) for g in gts]
-            probs = refiner.refine_batch(image, coarse, roi=regions, scales=scales, output="prob")
+            probs = refiner.refine_batch(image, coarse, roi=regions, scales=scales, max_side=max_side,
+                                         output="prob")
             if pictures and photo in picture_names:
                 write_png(Path(pictures) / f"{photo.replace('/', '_')}_{recipe}.png",
                           side_by_side(image, [mask_panel(f"coarse {recipe}", *(c > 127 for c in coarse)),
@@ -156,6 +157,7 @@ def main(argv=None):
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), help="coarse recipes: Nx and/or polygon")
     p.add_argument("--scales", nargs="+", default=None,
                    help="schedule: numbers or 'auto' (default: the model's own, as Refiner() does)")
+    p.add_argument("--max-side", type=int, default=None, help="cap the encoder's input long side (Refiner's max_side)")
     p.add_argument("--regions", action="store_true", help="score CCP label regions, refined in ROI mode")
     p.add_argument("--upscale", type=int, default=None, help="scale photos to this long side first")
     p.add_argument("--fast", action="store_true", help="fast mode")
@@ -182,15 +184,17 @@ def main(argv=None):
     t0 = time.perf_counter()
     photos = load_photos(items, args.regions, args.upscale)
     results = evaluate(refiner, photos, args.recipes, args.regions, args.write_big, scales, args.pictures,
-                       set(args.picture_names))
+                       set(args.picture_names), max_side=args.max_side)
     took = time.perf_counter() - t0
     what = (f"weights {args.weights}, scales {scales or refiner.scales}, {len(items)} held-out photos"
             f"{', CCP regions in ROI mode' if args.regions else ''}"
-            f"{f', upscaled to {args.upscale} px' if args.upscale else ''}{', fast mode' if args.fast else ''}")
+            f"{f', upscaled to {args.upscale} px' if args.upscale else ''}{', fast mode' if args.fast else ''}"
+            f"{f', encoder at most {args.max_side} px' if args.max_side else ''}")
     print(table(results, f"Held-out IoU / mBA (percent), {what}; {took:.0f} s"))
     if args.json:
         out = {"weights": str(args.weights), "scales": scales or refiner.scales, "photos": len(items),
-               "regions": args.regions, "upscale": args.upscale, "fast": args.fast, "seconds": took,
+               "regions": args.regions, "upscale": args.upscale, "fast": args.fast, "max_side": args.max_side,
+               "seconds": took,
                "results": results}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
     return 0
