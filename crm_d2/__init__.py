@@ -6,7 +6,8 @@
 """
 from .checkpoint import load_model, save_checkpoint
 from .model import CRM, CRMConfig
+from .fast import FastOptions
 from .refiner import Refiner
 
 __version__ = "0.1.0"
-__all__ = ["CRM", "CRMConfig", "Refiner", "load_model", "save_checkpoint"]
+__all__ = ["CRM", "CRMConfig", "FastOptions", "Refiner", "load_model", "save_checkpoint"]

@@ -12,13 +12,11 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model
 from .fast import FastMode, FastOptions
-from .inputs import OUTPUTS, PAD, format_output, resize, to_mask_array, to_mask_stack, to_rgb_array
+from .inputs import OUTPUTS, PAD, format_output, resize, to_mask_stack, to_rgb_array
 from .model import CRM, TRUNK_BYTES_PER_PX_PER_WIDTH, CRMConfig, make_coord, normalize_image
-from .schedule import AUTO_BASE, DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, RoiBox, auto_scales, roi_box, stage_scales
+from .schedule import AUTO_BASE, DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, RoiBox, roi_box, stage_scales
 
-# Re-exported: the names lived here before the split into schedule / inputs / fast.
-__all__ = ["Refiner", "FastOptions", "RoiBox", "roi_box", "auto_scales", "stage_scales", "resize", "to_rgb_array",
-           "to_mask_array", "to_mask_stack", "DEFAULT_SCALES", "AUTO_BASE", "ROI_MIN_STAGE_SIDE", "PAD"]
+__all__ = ["Refiner", "FastOptions"]
 
 CPU_CHUNK_QUERIES = 16384  # decoder queries per step on CPU: keeps the 32-d working set in L2
 
