@@ -17,13 +17,18 @@ def resize(x, size):
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
+def _as_numpy(x, what):
+    """A numpy view of an array or tensor; None (a failed cv2.imread) is an error that says so."""
+    if x is None:
+        raise ValueError(f"{what} is None (did cv2.imread fail?)")
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def to_rgb_array(image, bgr=False):
     """Validate an image and return it as contiguous HxWx3 uint8 RGB."""
-    if image is None:
-        raise ValueError("image is None (did cv2.imread fail?)")
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    image = np.asarray(image)
+    image = _as_numpy(image, "image")
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be HxWx3 (RGB), got shape {image.shape}")
     if image.dtype != np.uint8:
@@ -41,11 +46,7 @@ def to_rgb_array(image, bgr=False):
 
 def to_mask_array(mask, shape=None):
     """Validate one mask and return it as HxW float32 in [0, 1]."""
-    if mask is None:
-        raise ValueError("mask is None (did cv2.imread fail?)")
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    mask = np.asarray(mask)
+    mask = _as_numpy(mask, "mask")
     if mask.ndim == 3 and mask.shape[2] == 1:
         mask = mask[..., 0]
     if mask.ndim != 2:
