@@ -431,7 +431,7 @@ def test_readme_offline_command_runs(tmp_path):
     """The README's "try it without COCO" commands, as written (random base weights, no download), in a
     scratch folder instead of /tmp/tiny: they run, print the table and write refined segments."""
     block = _readme_block("d2-offline")
-    assert "/tmp/tiny" in block and "MODEL.WEIGHTS" in block
+    assert "/tmp/tiny" in block and "MODEL.WEIGHTS" in block and "SEED 0" in block
     root = tmp_path / "tiny"
     # `python` in the block is this interpreter (the one that has detectron2)
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -443,8 +443,9 @@ def test_readme_offline_command_runs(tmp_path):
     base, crm = _panoptic_outputs(inference / "base"), _panoptic_outputs(inference / "crm")
     gt = json.loads((root / "coco" / "annotations" / "panoptic_val2017.json").read_text())
     assert crm.keys() == base.keys() == {a["image_id"] for a in gt["annotations"]}
-    # random base weights (unseeded, as the README runs them) give segments, though not always on every image
-    assert sum(len(segs) for _, segs in crm.values()) >= len(crm)
+    # random base weights, seeded by the README's SEED 0 (unseeded, this test failed now and then): segments on
+    # every image
+    assert all(len(segs) > 0 for _, segs in crm.values())
     assert any(not np.array_equal(base[i][0], crm[i][0]) for i in base)  # and CRM changed them
 
 
