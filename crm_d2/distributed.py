@@ -103,6 +103,15 @@ class DistEnv:
         self.owns_group = False
 
 
+def with_index(device):
+    """`device` with an explicit CUDA index: plain "cuda" means the current CUDA device. torch.cuda.set_device
+    and set_per_process_memory_fraction refuse a CUDA device without an index (torch 2.11)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _local_device(device, world_size, local_rank):
     """None: CUDA when available, else the CPU. Under torchrun each process takes its own GPU, cuda:LOCAL_RANK,
     whatever index was asked for (one --device for all ranks cannot name N GPUs)."""
@@ -112,10 +121,7 @@ def _local_device(device, world_size, local_rank):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device cuda requested but CUDA is not available")
-        if world_size > 1:
-            device = torch.device("cuda", local_rank)
-        elif device.index is None:  # torch.cuda.set_device refuses a device without an index
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", local_rank) if world_size > 1 else with_index(device)
         torch.cuda.set_device(device)
     return device
 

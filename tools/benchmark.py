@@ -62,9 +62,9 @@ def run_one(args):
     H, W = size_hw(args.size)
     cuda = args.device.startswith("cuda")
     if cuda and args.gpu_memory_gb:
-        dev = torch.device(args.device)
-        if dev.index is None:  # set_per_process_memory_fraction refuses a device without an index
-            dev = torch.device("cuda", torch.cuda.current_device())
+        from crm_d2.distributed import with_index
+
+        dev = with_index(args.device)
         total = torch.cuda.get_device_properties(dev).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gb * 2**30 / total), dev)
     if args.photo:
