@@ -22,8 +22,8 @@ import yaml
 from tqdm import tqdm
 
 from crm_d2.io import atomic_write, imread, read_mask
-from crm_d2.train.data import build_items
 from crm_d2.train.config import load_config
+from crm_d2.train.data import build_items
 
 ENCODERS = {"webp": (".webp", cv2.IMWRITE_WEBP_QUALITY), "jpg": (".jpg", cv2.IMWRITE_JPEG_QUALITY)}
 
@@ -37,7 +37,7 @@ def pack_source(items, folder, fmt, quality):
         stem = item.name.split("/")[-1]
         if fmt == "copy":
             dst = folder / "images" / f"{stem}{item.image.suffix.lower()}"
-            shutil.copyfile(item.image, dst)
+            atomic_write(dst, lambda tmp, src=item.image: shutil.copyfile(src, tmp))
         else:
             ext, flag = ENCODERS[fmt]
             ok, buf = cv2.imencode(ext, imread(item.image, cv2.IMREAD_COLOR), [flag, quality])  # BGR in, BGR out

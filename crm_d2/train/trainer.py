@@ -30,17 +30,17 @@ from torch.utils.data import DataLoader
 
 from crm_d2.checkpoint import load_checkpoint, load_state, save_checkpoint
 from crm_d2.distributed import init_from_env, world_from_env
-from crm_d2.model import CRM, normalize_input
 from crm_d2.inputs import resize
-from crm_d2.train.config import DEFAULTS, apply_overrides, load_config, model_config  # noqa: F401  (re-exported)
+from crm_d2.io import atomic_write
+from crm_d2.model import CRM, normalize_input
+from crm_d2.train.config import load_config, model_config
 from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, val_samples
 from crm_d2.train.losses import CRMLoss, boundary_band, draw_sample
 from crm_d2.train.perturb import PerturbConfig
 
 logger = logging.getLogger("crm_d2.train")
 
-__all__ = ["DEFAULTS", "load_config", "apply_overrides", "model_config", "Trainer", "train_from_args", "load_imagenet_encoder",
-           "fit_to_budget"]
+__all__ = ["Trainer", "train_from_args", "load_imagenet_encoder", "fit_to_budget"]
 
 # A time budget is fitted on the speed of these iterations: the first ones pay for worker start-up, cuDNN's
 # algorithm search and the allocator's growth, and are left out.
@@ -401,7 +401,8 @@ class Trainer:
         if budget:
             t_start = time.perf_counter()
             self.max_iter = max(self.max_iter, probe[1])  # fitted at the end of the probe
-        end = self.max_iter if stop_at is None else min(self.max_iter, int(stop_at))
+        last = lambda: self.max_iter if stop_at is None else min(self.max_iter, int(stop_at))  # noqa: E731
+        end = last()
         if self.iteration >= self.max_iter:
             logger.info("already trained to iteration %d (solver.max_iter)", self.iteration)
             return None
@@ -429,7 +430,7 @@ class Trainer:
                     t_probe = time.perf_counter()
                 elif budget and self.iteration == probe[1]:
                     self._fit_budget(budget, time.perf_counter() - t_start, t_probe)
-                    end = self.max_iter if stop_at is None else min(self.max_iter, int(stop_at))
+                    end = last()
                     bar.total = self.max_iter
                     budget = None
                 for k, v in [("loss", loss)] + list(parts.items()):
@@ -491,8 +492,8 @@ class Trainer:
         return {k: v for k, v in self.cfg.items() if not k.startswith("_")}  # "_base_dir" is this machine's
 
     def _write_config(self):
-        with open(self.out / "config.yaml", "w") as f:
-            yaml.safe_dump(self._public_config(), f, sort_keys=False)
+        text = yaml.safe_dump(self._public_config(), sort_keys=False)
+        atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
 
     def _sync(self):
         if self.device.type == "cuda":
