@@ -100,13 +100,14 @@ def load_photos(items, regions=False, upscale_to=None):
 
 
 def evaluate(refiner, photos, recipes, regions=False, write_big=None, scales=None, pictures=None,
-             picture_names=(), progress=True, max_side=None):
+             picture_names=(), progress=True, max_side=None, total=None):
     """{recipe: {"all": summary, source: summary}} of coarse vs refined IoU/mBA (percent) on `load_photos`'
     photos. `regions`: refine each photo's masks together in ROI mode. `pictures`: a folder for image | coarse |
-    CRM | ground truth pictures of the photos named in `picture_names` (e.g. ccp/0011)."""
+    CRM | ground truth pictures of the photos named in `picture_names` (e.g. ccp/0011). `total`: the number of
+    photos, for the progress bar when `photos` is a generator."""
     meters = {r: {"all": RefinementMetrics()} for r in recipes}
-    for k, (photo, image, gts) in enumerate(tqdm(photos, desc="held-out", unit="photo", file=sys.stderr,
-                                                  disable=not progress)):
+    for k, (photo, image, gts) in enumerate(tqdm(photos, total=total, desc="held-out", unit="photo",
+                                                  file=sys.stderr, disable=not progress)):
         if not gts:
             continue
         source = photo.split("/")[0]
@@ -184,7 +185,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     photos = load_photos(items, args.regions, args.upscale)
     results = evaluate(refiner, photos, args.recipes, args.regions, args.write_big, scales, args.pictures,
-                       set(args.picture_names), max_side=args.max_side)
+                       set(args.picture_names), max_side=args.max_side, total=len(items))
     took = time.perf_counter() - t0
     what = (f"weights {args.weights}, scales {scales or refiner.scales}, {len(items)} held-out photos"
             f"{', CCP regions in ROI mode' if args.regions else ''}"
