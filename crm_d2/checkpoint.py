@@ -97,10 +97,12 @@ def load_checkpoint(path):
             "meta": {"source": "released state_dict", "file": str(path)}}
 
 
-def load_state(model, state, source="checkpoint"):
-    """load_state_dict with errors that name the offending keys and shapes."""
+def load_state(model, state, source="checkpoint", new_parts=()):
+    """load_state_dict with errors that name the offending keys and shapes. new_parts: top-level modules the
+    model adds to the state's architecture (e.g. a pixel head on a trained model), left as initialised."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")
+               and k.split(".")[0] not in new_parts]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         parts = []

@@ -81,15 +81,18 @@ class FastMode:
             im_s = resize(im, E).expand(B, -1, -1, -1)
             src = seg if prev is None else (prev - 0.5) * 2
             seg_s = resize(src, E)
-            prior = resize(src, D)[:, 0] if self.model.cfg.mask_skip else None  # the skip's mask at the queries
+            cfg = self.model.cfg
+            # the skip's and the pixel head's mask, and the head's image, at the queries
+            prior = resize(src, D)[:, 0] if cfg.mask_skip or cfg.pixel_head else None
+            image = (im if D == (Hp, Wp) else resize(im, D)) if cfg.pixel_head else None
             t0, extra = self._clock(), {}
             if dense:
                 prob = torch.empty(B, *D, device=self.device)
                 proj = self._project_batched(im_s, seg_s)
                 t1 = self._clock()
-                self._decode_into(prob, proj, cell, queries, prior)
+                self._decode_into(prob, proj, cell, queries, prior, image)
             else:
-                prob, t_enc, extra["tiles"] = self._band_stage(im_s, seg_s, prev, D, cell, band, prior)
+                prob, t_enc, extra["tiles"] = self._band_stage(im_s, seg_s, prev, D, cell, band, prior, image)
                 t1 = t0 + t_enc
             self._record(s, t0, t1, **extra)
             empty = (seg_s + 1).flatten(1).sum(1) * (Hp * Wp / (E[0] * E[1])) < 2
@@ -97,7 +100,7 @@ class FastMode:
             prev = prob[:, None]
         return prev[:, 0, PAD:-PAD, PAD:-PAD].cpu().numpy()
 
-    def _band_stage(self, im_s, seg_s, prev, D, cell, band_px, prior=None):
+    def _band_stage(self, im_s, seg_s, prev, D, cell, band_px, prior=None, image=None):
         opt = self.fast
         E = seg_s.shape[-2:]
         prob = resize(prev, D)[:, 0]  # the previous stage, kept outside the band
@@ -107,7 +110,7 @@ class FastMode:
         band = F.interpolate(band[None, None].float(), size=E, mode="nearest")[0, 0] > 0
         Hf, Wf = (E[0] + 1) // 2, (E[1] + 1) // 2
         qy_all, qx_all = make_coord(D[0], prob.device), make_coord(D[1], prob.device)
-        t_enc, tiles = 0.0, 0
+        t_enc, tiles, strips = 0.0, 0, []
         for y0 in range(0, E[0], opt.tile):
             y1 = min(E[0], y0 + opt.tile)
             starts = [x0 for x0 in range(0, E[1], opt.tile) if band[y0:y1, x0 : x0 + opt.tile].any()]
@@ -133,7 +136,24 @@ class FastMode:
                                               [t[:, dx0 - rx0 : dx1 - rx0] for t in cols], prior,
                                               (slice(dy0, dy1), slice(dx0, dx1)))
                         prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
+                        strips.append((dy0, dy1, dx0, dx1))
+        if self.model.cfg.pixel_head:
+            prob = self._pixel_head_strips(prob, image, prior, strips)
         return prob, t_enc, tiles
+
+    def _pixel_head_strips(self, prob, image, prior, strips):
+        """The pixel head on the decoded strips only, each read with the head's halo (the previous stage's
+        probabilities, as logits, stand in for undecoded neighbours)."""
+        head, h = self.model.pixel_head, self.model.pixel_head.HALO
+        H, W = prob.shape[-2:]
+        out = prob.clone()
+        for y0, y1, x0, x1 in strips:
+            a, b, c, d = max(0, y0 - h), min(H, y1 + h), max(0, x0 - h), min(W, x1 + h)
+            win = (slice(None), slice(a, b), slice(c, d))
+            logits = head.apply_rows(torch.logit(prob[win], eps=1e-6), image[:, :, a:b, c:d], prior[win],
+                                     self.memory_budget)
+            out[:, y0:y1, x0:x1] = torch.sigmoid(logits[:, y0 - a : y1 - a, x0 - c : x1 - c])
+        return out
 
 
 def band_strips(band, y0, y1, x0, x1):

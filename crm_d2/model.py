@@ -38,6 +38,10 @@ class CRMConfig:
     # Not in the release: add `mask_gain * mask` (the stage's input mask in [-1, 1] at each query point) to the
     # output logit, so that the network learns corrections to the mask rather than the mask itself.
     mask_skip: bool = False
+    # Not in the release: channels of a small full-resolution head (`PixelHead`) that corrects the decoder's
+    # logit from the image, the input mask and the decoded mask around each pixel (0 = none). The decoder's
+    # features are at stride 2; this is the only part that sees single pixels.
+    pixel_head: int = 0
 
     PRESETS = {
         "r50": dict(layers=(3, 4, 6), width=64),
@@ -52,7 +56,7 @@ class CRMConfig:
         self.layers = tuple(int(n) for n in self.layers)
         if len(self.layers) != 3 or min(self.layers) < 1:
             raise ValueError(f"layers must be three positive block counts, got {self.layers}")
-        if self.width < 4 or self.hidden < 1 or self.depth < 1:
+        if self.width < 4 or self.hidden < 1 or self.depth < 1 or self.pixel_head < 0:
             raise ValueError(f"invalid CRM config {self.to_dict()}")
 
     @classmethod
@@ -207,6 +211,56 @@ class Neck(nn.Module):
         return self.last_conv(torch.cat((b1, b2, b3), 1))
 
 
+class PixelHead(nn.Module):
+    """A logit correction from 3x3 convolutions at the decoded grid, confined to the decoder's boundary.
+
+    Input per pixel: the ImageNet-normalised RGB, the stage's input mask and the decoded mask (both in [-1, 1]).
+    Its output is added to the decoder's logit only within BAND px of the decoded boundary: the head moves the
+    boundaries the decoder placed and cannot draw new regions. A local view has no idea of objects; unconfined,
+    it turned dark image edges and skin next to a pet into foreground. The last convolution starts at zero, so
+    a head added to a trained model leaves its output unchanged until the head is trained (`crm-d2 train` with
+    model.freeze).
+    """
+
+    HALO = 5  # rows of context one output reads: the convolutions' radius (dilations 1, 1, 2, 1) >= BAND
+    BAND = 3
+
+    def __init__(self, channels):
+        super().__init__()
+        c = channels
+        self.body = nn.Sequential(
+            nn.Conv2d(5, c, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
+            nn.Conv2d(c, 1, 3, padding=1),
+        )
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, logits, image, prior):
+        """logits, prior: B x 1 x H x W; image: B x 3 x H x W (normalised) -> corrected logits."""
+        fg = (logits > 0).float()
+        k, r = 2 * self.BAND + 1, self.BAND
+        band = F.max_pool2d(fg, k, 1, r) != -F.max_pool2d(-fg, k, 1, r)
+        out = self.body(torch.cat((image, prior, torch.sigmoid(logits) * 2 - 1), 1))
+        return logits + out * band
+
+    def apply_rows(self, logits, image, prior, budget=256 << 20):
+        """`forward` on B x H x W logits in row slabs (with a HALO-row margin) whose activations fit `budget`
+        bytes; image: B or 1 x 3 x H x W, prior: B x H x W. Equal to the one-shot result."""
+        B, H, W = logits.shape
+        out = torch.empty_like(logits)
+        rows = max(1, budget // (B * W * 4 * 3 * self.body[0].out_channels))
+        h = self.HALO
+        for r0 in range(0, H, rows):
+            r1 = min(H, r0 + rows)
+            lo, hi = max(0, r0 - h), min(H, r1 + h)
+            im = image[:, :, lo:hi].expand(B, -1, -1, -1)
+            y = self(logits[:, None, lo:hi], im, prior[:, None, lo:hi])
+            out[:, r0:r1] = y[:, 0, r0 - lo : r1 - lo]
+        return out
+
+
 class MLP(nn.Module):
     def __init__(self, in_dim, hidden, depth):
         super().__init__()
@@ -256,6 +310,8 @@ class CRM(nn.Module):
         self.imnet = MLP(cfg.feat_dim + 6, cfg.hidden, cfg.depth)
         if cfg.mask_skip:
             self.mask_gain = nn.Parameter(torch.tensor(MASK_GAIN_INIT))
+        if cfg.pixel_head:
+            self.pixel_head = PixelHead(cfg.pixel_head)
 
     def mask_logit(self, prior):
         """The skip's share of the logit for a mask in [-1, 1] at the query points, or None without a skip."""
@@ -453,21 +509,28 @@ class CRM(nn.Module):
             weights.append(ry[a].abs() * rx[b].abs() + 1e-9)
         return self._blend(logits, weights)
 
-    def forward(self, x, out_size=None, prior=None, sample=None):
+    def forward(self, x, out_size=None, prior=None, sample=None, image=None):
         """Training use: logits Bx1xHxW for every pixel of out_size (default: the input's size).
 
-        prior: the input mask in [-1, 1] at out_size (B x 1 x H x W), for the mask skip. sample: a
-        `QuerySample` to decode only some pixels (then returns (patch logits B x 1 x h x w, point logits B x N)).
+        prior: the input mask in [-1, 1] at out_size (B x 1 x H x W), for the mask skip and the pixel head.
+        image: the normalised RGB at out_size, for the pixel head. sample: a `QuerySample` to decode only some
+        pixels (then returns (patch logits B x 1 x h x w, point logits B x N)).
         """
         out_size = tuple(out_size or x.shape[-2:])
-        if self.cfg.mask_skip and prior is None:
-            raise ValueError("this CRM has a mask skip: forward() needs the prior mask at the output size")
+        if (self.cfg.mask_skip or self.cfg.pixel_head) and prior is None:
+            raise ValueError("this CRM has a mask skip or a pixel head: forward() needs the prior mask at the "
+                             "output size")
+        if self.cfg.pixel_head and (image is None or sample is not None):
+            raise ValueError("this CRM has a pixel head: forward() needs the image at the output size and decodes "
+                             "every pixel (sampling.points=0)")
         proj = self.project(self.encode(x))
         H, W = out_size
         cell = (2.0 / H, 2.0 / W)
         if sample is None:
             out = self.decode_rows(proj, out_size, (0, H))[:, None]
-            return out if prior is None or not self.cfg.mask_skip else out + self.mask_logit(prior)
+            if self.cfg.mask_skip:
+                out = out + self.mask_logit(prior)
+            return self.pixel_head(out, image, prior) if self.cfg.pixel_head else out
         (y0, y1), (x0, x1) = sample.patch
         qy, qx = make_coord(H, x.device), make_coord(W, x.device)
         patch = self.decode(proj, qy[y0:y1], qx[x0:x1], cell)[:, None]

@@ -153,7 +153,7 @@ class Refiner(FastMode):
             t0 = self._clock()
             proj = self._project_batched(im_s, seg_s)
             t1 = self._clock()
-            self._decode_into(prob, proj, (2 / Hp, 2 / Wp), prior=seg[:, 0])
+            self._decode_into(prob, proj, (2 / Hp, 2 / Wp), prior=seg[:, 0], image=im)
             self._record(s, t0, t1)
             empty = (seg + 1).flatten(1).sum(1) < 2  # the release's guard against an (almost) empty input
             prob[empty] = 0
@@ -194,9 +194,10 @@ class Refiner(FastMode):
     def _trunk_budget(self):
         return 4 * self.memory_budget  # the encoder's activations: short-lived, so a larger share than the decoder
 
-    def _decode_into(self, prob, proj, cell, queries=None, prior=None):
+    def _decode_into(self, prob, proj, cell, queries=None, prior=None, image=None):
         """Decode every pixel of prob's grid (B x H x W), chunk by chunk of rows. prior: the stage's input mask
-        in [-1, 1] on the same grid (B x H x W), for models with a mask skip.
+        in [-1, 1] on the same grid (B x H x W), for models with a mask skip or a pixel head; image: the
+        normalised image on that grid (1 or B x 3 x H x W), for a pixel head.
 
         On CPU the chunks are small enough for the working set to stay in cache (the MLP is memory-bound, and
         this is several times faster than big chunks); on GPU they are as large as the memory budget allows.
@@ -208,10 +209,14 @@ class Refiner(FastMode):
             rows = max(1, self.memory_budget // (B * W * (2 * self.model.cfg.hidden + 16) * 4))
         qy, qx = queries or (make_coord(H, prob.device), make_coord(W, prob.device))
         (iy, row_term, ay), cols = self.model.query_terms(proj, qy, qx, cell)
+        head = self.model.cfg.pixel_head
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
             chunk = (iy[:, r0:r1], row_term[:, r0:r1], ay[:, r0:r1])
-            prob[:, r0:r1] = torch.sigmoid(self._logits(proj, chunk, cols, prior, (slice(r0, r1), slice(None))))
+            logits = self._logits(proj, chunk, cols, prior, (slice(r0, r1), slice(None)))
+            prob[:, r0:r1] = logits if head else torch.sigmoid(logits)
+        if head:  # the head reads a neighbourhood of decoded logits: it runs once the whole grid is decoded
+            prob[:] = torch.sigmoid(self.model.pixel_head.apply_rows(prob, image, prior, self.memory_budget))
 
     def _logits(self, proj, rows, cols, prior, where):
         """The decoder's logits, plus the mask skip's term (prior[:, where]) for models that have one."""

@@ -100,6 +100,9 @@ def test_shipped_configs_load():
         cfg = load_config(root / name)
         assert cfg["data"]["train"] == demo["data"]["train"] and cfg["model"]["mask_skip"]
         assert cfg["data"]["val"] == [] and cfg["solver"]["amp"] and cfg["checkpoint"]["export_half"]
+    head = load_config(root / "crm_small_head.yaml")  # the head trains on the same split, on the shipped model
+    assert head["data"]["train"] == demo["data"]["train"] and head["model"]["weights"] == "demo"
+    assert head["model"]["pixel_head"] and "feats" in head["model"]["freeze"] and head["sampling"]["points"] == 0
     for path in root.glob("crm_*.yaml"):
         load_config(path)
 

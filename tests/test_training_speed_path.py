@@ -152,8 +152,9 @@ def test_sampled_training_runs_learns_the_skip_and_resumes_bit_identically(tmp_p
     assert "mask_gain" in a and float(a["mask_gain"]) != 3.0  # the skip's gain is trained
     from crm_d2.checkpoint import load_checkpoint
 
-    meta = load_checkpoint(tmp_path / "a" / "model_final.pth")["meta"]
-    assert meta["scales"] == [0.125, 0.25, 0.5, 1.0] and meta["auto_base"] == 512  # val.scales -> default
+    for name in ("model_final.pth", "model_0000004.pth"):  # exported, and a training checkpoint judged mid-run
+        meta = load_checkpoint(tmp_path / "a" / name)["meta"]
+        assert meta["scales"] == [0.125, 0.25, 0.5, 1.0] and meta["auto_base"] == 512  # val.scales -> default
 
 
 def test_sampling_config_is_validated(tmp_path):

@@ -18,7 +18,12 @@ DEFAULTS = {
     "model": {"preset": "r50", "layers": None, "width": None, "hidden": None, "depth": None, "dropout": None,
               "mask_skip": None,  # True: the coarse mask's skip to the output logit (project models)
               "init": None,  # ImageNet ResNet-50 state_dict (torchvision names) for the encoder
-              "weights": None},  # whole-model start (crm_d2 checkpoint or the released file), e.g. to fine-tune
+              "pixel_head": None,  # channels of the full-resolution head (crm_d2.model.PixelHead; 0 = none)
+              # whole-model start: a crm_d2 checkpoint, the released file or "demo" (the shipped model)
+              "weights": None,
+              # Parts kept as they are (no gradient, BatchNorm and dropout in eval mode): e.g. train a pixel head
+              # on a trained model with [feats, aspp_, imnet, mask_gain].
+              "freeze": []},
     "data": {
         "train": [],
         "val": [],
@@ -162,6 +167,8 @@ def load_config(path=None, overrides=()):
         raise ValueError("sampling.points and sampling.tile go together (both 0 = decode every pixel)")
     if not 0 <= cfg["sampling"]["boundary"] < 1 or cfg["sampling"]["band"] < 0:
         raise ValueError(f"sampling.boundary must be in [0, 1) and sampling.band >= 0, got {cfg['sampling']}")
+    if not isinstance(cfg["model"]["freeze"], list):
+        raise ValueError(f"model.freeze must be a list of module names, got {cfg['model']['freeze']!r}")
     if s["time_budget_s"] is not None:
         try:
             s["time_budget_s"] = float(s["time_budget_s"])
@@ -179,6 +186,7 @@ def model_config(cfg):
     m = dict(cfg["model"])
     m.pop("init", None)
     m.pop("weights", None)
+    m.pop("freeze", None)
     preset = m.pop("preset", None)
     base = CRMConfig.preset(preset).to_dict() if preset else CRMConfig().to_dict()
     base.update({k: v for k, v in m.items() if v is not None})

@@ -20,6 +20,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,11 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import DataLoader
 
-from crm_d2.checkpoint import load_checkpoint, load_state, save_checkpoint
+from crm_d2.checkpoint import NAMED_WEIGHTS, load_checkpoint, load_state, resolve_weights, save_checkpoint
 from crm_d2.distributed import init_from_env, world_from_env
 from crm_d2.inputs import resize
 from crm_d2.io import atomic_write
-from crm_d2.model import CRM, normalize_input
+from crm_d2.model import CRM, normalize_image, normalize_input
 from crm_d2.train.config import load_config, model_config
 from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, val_samples
 from crm_d2.train.losses import CRMLoss, boundary_band, draw_sample
@@ -188,11 +189,15 @@ class Trainer:
             n = load_imagenet_encoder(model, self._path(cfg["model"]["init"]))
             logger.info("encoder initialised from %s (%d tensors)", cfg["model"]["init"], n)
         if cfg["model"]["weights"]:
-            start = load_checkpoint(self._path(cfg["model"]["weights"]))
-            if start["config"] != self.model_cfg:
+            w = cfg["model"]["weights"]
+            start = load_checkpoint(resolve_weights(w) if w in NAMED_WEIGHTS else self._path(w))
+            # A pixel head may be added to a model trained without one (it starts as the identity).
+            added = ("pixel_head",) if self.model_cfg.pixel_head and not start["config"].pixel_head else ()
+            if start["config"] != (replace(self.model_cfg, pixel_head=0) if added else self.model_cfg):
                 raise ValueError(f"model.weights {cfg['model']['weights']} holds architecture "
                                  f"{start['config'].to_dict()}, the config asks for {self.model_cfg.to_dict()}")
-            load_state(model, start["model"], source=str(cfg["model"]["weights"]))
+            load_state(model, start["model"], source=str(cfg["model"]["weights"]), new_parts=added)
+        self.frozen = self._freeze(model, cfg["model"]["freeze"])
         model.to(self.device)
         if sol["channels_last"]:
             model.to(memory_format=torch.channels_last)
@@ -206,7 +211,8 @@ class Trainer:
         if self.env.world_size > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=sol["lr"], weight_decay=sol["weight_decay"])
+        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=sol["lr"],
+                                          weight_decay=sol["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(sol["steps"]), sol["gamma"])
         self.amp = bool(sol["amp"]) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -234,6 +240,21 @@ class Trainer:
             self.tb = self._tensorboard()
             self._write_config()
         self._refiner = None
+
+    @staticmethod
+    def _freeze(model, names):
+        """Stop the gradient of the named top-level parts; returns their modules (kept in eval mode)."""
+        parts = dict(model.named_children())
+        parts.update((n, p) for n, p in model.named_parameters(recurse=False))
+        unknown = sorted(set(names) - set(parts))
+        if unknown:
+            raise ValueError(f"model.freeze: unknown parts {unknown}; this model has {sorted(parts)}")
+        for n in names:
+            for p in (parts[n].parameters() if isinstance(parts[n], torch.nn.Module) else [parts[n]]):
+                p.requires_grad_(False)
+        if names and not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"model.freeze {names} leaves nothing to train")
+        return [parts[n] for n in names if isinstance(parts[n], torch.nn.Module)]
 
     # ------------------------------------------------------------------------------------------- paths
     def _path(self, p):
@@ -296,7 +317,7 @@ class Trainer:
         if not self.env.main:
             return None
         name = f"model_{self.iteration:07d}.pth"
-        meta = {"iteration": self.iteration, "preset": self.cfg["model"]["preset"]}
+        meta = {**self._schedule_meta(), "iteration": self.iteration, "preset": self.cfg["model"]["preset"]}
         save_checkpoint(
             self.out / name, self.model, self.model_cfg, meta=meta,
             optimizer=self.optimizer.state_dict(), scheduler=_scheduler_state(self.scheduler),
@@ -313,12 +334,15 @@ class Trainer:
                 old.unlink()
         return self.out / name
 
+    def _schedule_meta(self):
+        """The schedule the run validates with becomes the Refiner's default for every file it writes, so that a
+        checkpoint judged mid-run is refined as the final model will be."""
+        return {"scales": self.cfg["val"]["scales"], "auto_base": int(self.cfg["val"]["auto_base"])}
+
     def export(self):
         """Weights-only files for inference: model_final.pth (fp32) and, if asked, model_final_fp16.pth."""
-        meta = {"iteration": self.iteration, "trained_with": "crm-d2 train",
-                "data": [str(s.get("root", s.get("type"))) for s in self.cfg["data"]["train"]],
-                # the schedule it was validated with becomes the Refiner's default for it
-                "scales": self.cfg["val"]["scales"], "auto_base": int(self.cfg["val"]["auto_base"])}
+        meta = {**self._schedule_meta(), "iteration": self.iteration, "trained_with": "crm-d2 train",
+                "data": [str(s.get("root", s.get("type"))) for s in self.cfg["data"]["train"]]}
         paths = [save_checkpoint(self.out / "model_final.pth", self.model, self.model_cfg, meta=meta)]
         if self.cfg["checkpoint"]["export_half"]:
             paths.append(save_checkpoint(self.out / "model_final_fp16.pth", self.model, self.model_cfg, meta=meta,
@@ -355,6 +379,8 @@ class Trainer:
         coarse = batch["coarse"].to(self.device, non_blocking=True)
         net = self.ddp or self.model
         self.model.train()
+        for m in self.frozen:
+            m.eval()
         size = tuple(gt.shape[-2:])
         x = normalize_input(image, coarse)
         scales = self.cfg["data"]["input_scales"]
@@ -362,7 +388,8 @@ class Trainer:
         x = resize(x, (round(size[0] * s), round(size[1] * s)))  # as the Refiner resizes a stage's input
         if self.cfg["solver"]["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        prior = coarse * 2 - 1 if self.model_cfg.mask_skip else None
+        prior = coarse * 2 - 1 if self.model_cfg.mask_skip or self.model_cfg.pixel_head else None
+        extra = {"image": normalize_image(image)} if self.model_cfg.pixel_head else {}
         samp = self.cfg["sampling"]
         sample = None
         if samp["points"]:
@@ -370,7 +397,7 @@ class Trainer:
             sample = draw_sample(len(gt), size, samp["tile"], samp["points"], device=self.device, band=band,
                                  boundary=samp["boundary"], reweight=samp["reweight"])
         with torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext():
-            out = net(x, out_size=size, prior=prior, sample=sample)
+            out = net(x, out_size=size, prior=prior, sample=sample, **extra)
         if sample is None:
             loss, parts = self.criterion(out, gt)
         else:
