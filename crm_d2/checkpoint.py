@@ -4,6 +4,7 @@ Project format: a dict {"format": "crm_d2", "version": 1, "config": CRMConfig di
 "meta": {...}} plus optional training state (optimizer, scheduler, iteration, rng). Everything is read with
 `torch.load(weights_only=True)`: a checkpoint is data, never code.
 """
+import hashlib
 import re
 from pathlib import Path
 
@@ -30,6 +31,19 @@ def resolve_weights(weights):
             )
         return path
     return Path(weights)
+
+
+def weights_fingerprint(weights):
+    """The first 16 hex digits of the weights file's SHA-256 (None if there is no such file): what a run records,
+    since a name ("demo") or a path may hold other weights tomorrow."""
+    path = resolve_weights(weights) if isinstance(weights, str) and weights in NAMED_WEIGHTS else Path(weights)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def save_checkpoint(path, model, cfg=None, meta=None, half=False, **extra):

@@ -198,3 +198,18 @@ def test_overlay_pictures(tmp_path, big_dir, released_weights, capsys):
     assert main(refine_args(released_weights, str(big_dir / "a_im.jpg"), str(big_dir / "a_seg.png"), "-o",
                             str(single), "--overlay", str(tmp_path / "p1"))) == 0
     assert (tmp_path / "p1" / "one.png").exists()
+
+
+def test_folder_rerun_with_other_weights_under_the_same_name_is_refused(tmp_path, big_dir, released_weights, capsys):
+    out = tmp_path / "out"
+    args = refine_args(released_weights, "--big-dir", str(big_dir), "-o", str(out))
+    assert main(args) == 0
+    assert json.loads((out / "run.json").read_text())["weights_sha256"]
+    assert main(args) == 0  # the same file: a resume
+    capsys.readouterr()
+    # new weights in the same file (a retrained model, or a newer shipped "demo") are another run
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in torch.load(released_weights).items()}
+    torch.save(state, released_weights)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "weights_sha256" in err and "--overwrite" in err

@@ -4,6 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..checkpoint import weights_fingerprint
 from ..io import write_json
 
 SCALES_HELP = "list of scales, or 'auto' (default: the model's own schedule)"
@@ -68,7 +69,10 @@ def _changes(old, new, prefix=""):
 def check_run_settings(out_dir, settings, replace=False, redo_flag=None):
     """Record the settings of a run in OUT/run.json; refuse to resume into OUT under different settings, so that
     a resumed run never mixes two configurations. `replace`: the caller redoes everything, record the new ones.
-    `redo_flag`: the option that redoes the run (named in the refusal)."""
+    `redo_flag`: the option that redoes the run (named in the refusal). Settings that name weights also record
+    the file's fingerprint: a name or a path is not the model (the shipped "demo" changes between releases)."""
+    if settings.get("weights") not in (None, "None"):
+        settings = {**settings, "weights_sha256": weights_fingerprint(settings["weights"])}
     settings = json.loads(json.dumps(settings))  # as they read back from run.json (tuples become lists)
     path = Path(out_dir) / "run.json"
     if path.is_file() and not replace:
@@ -77,7 +81,7 @@ def check_run_settings(out_dir, settings, replace=False, redo_flag=None):
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             redo = f"rerun with {redo_flag} to redo it with these settings, or use another -o" if redo_flag else \
-                f"use another -o or delete {path}"
+                f"use another -o or delete {out_dir} (its outputs are the other run's)"
             raise ValueError(f"{out_dir} holds a run with other settings ({', '.join(diff)} differ: "
                              f"{'; '.join(_changes(old, settings))}); {redo}")
     else:
