@@ -36,7 +36,10 @@ def resolve_weights(weights):
 def weights_fingerprint(weights):
     """The first 16 hex digits of the weights file's SHA-256 (None if there is no such file): what a run records,
     since a name ("demo") or a path may hold other weights tomorrow."""
-    path = resolve_weights(weights) if isinstance(weights, str) and weights in NAMED_WEIGHTS else Path(weights)
+    try:
+        path = resolve_weights(weights)
+    except FileNotFoundError:  # a built-in model missing from the install: the refiner reports it
+        return None
     if not path.is_file():
         return None
     digest = hashlib.sha256()
