@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model
 from .fast import FastMode, FastOptions
+from .guided import EdgeSnap, snap_probs
 from .inputs import OUTPUTS, PAD, format_output, resize, to_mask_stack, to_rgb_array
 from .model import CRM, TRUNK_BYTES_PER_PX_PER_WIDTH, CRMConfig, make_coord, normalize_image
 from .schedule import AUTO_BASE, DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, RoiBox, roi_box, stage_scales
 
-__all__ = ["Refiner", "FastOptions"]
+__all__ = ["Refiner", "FastOptions", "EdgeSnap"]
 
 CPU_CHUNK_QUERIES = 16384  # decoder queries per step on CPU: keeps the 32-d working set in L2
 
@@ -40,10 +41,14 @@ class Refiner(FastMode):
         mode: "exact" (the released protocol) or "fast" (band-limited later stages, see `FastOptions`).
         fast: FastOptions for mode="fast".
         config: architecture for `weights=None`.
+        edge_snap: a guided filter of the refined probability with the photo as guide (`crm_d2.guided`): an
+            int radius, "RADIUS:PASSES:EPS", an EdgeSnap, or "off"/False; default: the checkpoint's own
+            `meta["edge_snap"]`, else off (the demo model and the authors' checkpoint carry none). It helps
+            coarse masks (8-16x) and costs good ones (docs/demo_model.md, "Edge snap").
     """
 
     def __init__(self, weights="demo", device=None, scales=None, memory_budget=512 << 20, max_batch=8,
-                 amp=False, allow_random=False, config=None, mode="exact", fast=None):
+                 amp=False, allow_random=False, config=None, mode="exact", fast=None, edge_snap=None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -63,6 +68,8 @@ class Refiner(FastMode):
         scales = scales or meta.get("scales") or DEFAULT_SCALES
         self.scales = self._check_scales(scales)
         self.auto_base = int(meta.get("auto_base", AUTO_BASE))
+        snap = EdgeSnap.parse(edge_snap)
+        self.edge_snap = (EdgeSnap.parse(meta.get("edge_snap")) or False) if snap is None else snap
         self.memory_budget = int(memory_budget)
         self.max_batch = max(1, int(max_batch))
         self.amp = bool(amp)
@@ -124,12 +131,19 @@ class Refiner(FastMode):
                     out = self._run(crops, crop_masks, scales, max_side, min_side)
                     for (i, b), p in zip(part, out):
                         probs[i] = masks[i]
-                        probs[i][b.slices] = p
+                        probs[i][b.slices] = self._snap(image, p[None], b.slices)[0]
         else:
             for start in range(0, len(masks), self.max_batch):
-                probs[start : start + self.max_batch] = self._run(
-                    img_t, masks[start : start + self.max_batch], scales, max_side)
+                probs[start : start + self.max_batch] = self._snap(
+                    image, self._run(img_t, masks[start : start + self.max_batch], scales, max_side))
         return format_output(probs, output)
+
+    def _snap(self, image, probs, where=None):
+        t0 = time.perf_counter()
+        out = snap_probs(image, probs, self.edge_snap, where)
+        if self.profile is not None and self.edge_snap:
+            self.profile.append({"edge_snap_s": time.perf_counter() - t0})
+        return out
 
     # ------------------------------------------------------------------------------------------- engine
     def _run(self, images, masks, scales, max_side, min_side=None):

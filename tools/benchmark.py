@@ -77,7 +77,7 @@ def run_one(args):
     refiner = Refiner(weights=None if random else args.weights, allow_random=random,
                       config=args.weights[len("random-"):] if random else None, device=args.device,
                       mode="fast" if args.mode == "fast" else "exact", memory_budget=args.budget_mb << 20,
-                      scales=args.scales, amp=args.mode == "amp")
+                      scales=args.scales, amp=args.mode == "amp", edge_snap=args.edge_snap)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     layer4 = make_layer4(refiner.model).to(refiner.device) if args.mode == "reference" else None
@@ -99,7 +99,8 @@ def run_one(args):
     for _ in range(args.runs):
         out, t = once()
         times.append(t)
-        stages = refiner.profile
+        stages = [st for st in refiner.profile if "scale" in st]
+        snap_s = sum(st.get("edge_snap_s", 0.0) for st in refiner.profile)
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     res = {"size": args.size, "hw": [H, W],
@@ -109,6 +110,7 @@ def run_one(args):
            "warmup_s": warmup_s, "peak_mem_gb": peak / 2**30,
            "mpix_per_s": H * W / 1e6 / statistics.median(times),
            "stages": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
+           "edge_snap": str(refiner.edge_snap) if refiner.edge_snap else "off", "edge_snap_s": round(snap_s, 3),
            "threads": torch.get_num_threads(), "budget_mb": args.budget_mb}
     if cuda:
         res["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
@@ -158,7 +160,8 @@ def markdown(results):
         dec = " / ".join(f"{s['decoder_s']:.2f}" for s in r["stages"])
         vs = (f"{r['iou_vs_exact']:.2f}/{r['mba_vs_exact']:.2f}, {r['max_abs_diff_vs_exact']:.1e}"
               if "iou_vs_exact" in r else "")
-        lines.append(f"| {r['size']} | {r['input']} | {r['device']} | {r['mode']} | {r['median_s']:.2f} "
+        snap = f" (edge snap {r['edge_snap_s']:.2f})" if r.get("edge_snap_s") else ""
+        lines.append(f"| {r['size']} | {r['input']} | {r['device']} | {r['mode']} | {r['median_s']:.2f}{snap} "
                      f"| {r['mpix_per_s']:.2f} "
                      f"| {r['peak_mem_gb']:.2f} | {enc} | {dec} | {r['iou_gt']:.2f}/{r['mba_gt']:.2f} "
                      f"| {r['coarse_iou_gt']:.2f}/{r['coarse_mba_gt']:.2f} | {vs} |")
@@ -182,6 +185,8 @@ def main():
                    help="CUDA: cap the caching allocator at this many GiB (emulates a smaller card)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-mb", type=int, default=512)
+    p.add_argument("--edge-snap", default=None, help="Refiner's edge_snap (RADIUS:PASSES:EPS or off; default: the "
+                   "model's own)")
     add_scales_argument(p)
     p.add_argument("--photos", help="folder with images/ and masks/ (same stems): upscaled real photos as inputs")
     p.add_argument("--photo-count", type=int, default=3, help="photos taken evenly from --photos")
@@ -216,6 +221,8 @@ def main():
                     extra = ["--save-pred", exact_pred] if mode == "exact" else (
                         ["--compare-to", exact_pred] if os.path.exists(exact_pred) else [])
                     extra += ["--warmup", str(args.warmup)]
+                    if args.edge_snap:
+                        extra += ["--edge-snap", args.edge_snap]
                     if args.gpu_memory_gb:
                         extra += ["--gpu-memory-gb", str(args.gpu_memory_gb)]
                     r = child(cfg, extra)

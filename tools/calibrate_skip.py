@@ -1,18 +1,25 @@
 #!/usr/bin/env python
-"""Calibrate the mask skip's gain of a trained model on a development split, and write the calibrated model.
+"""Calibrate a trained model on a development split: the mask skip's gain and the edge snap, written into the model.
 
 A model with `mask_skip` adds `mask_gain * mask` to its output logit: the gain says how far it trusts the coarse
 mask. Training learns it on the training recipe's masks, many of them poor (polygons, 16x); users mostly feed
-better ones, and on those a model that trusts the mask too little moves good boundaries. This tool scales the
-gain by each multiplier of `--multipliers`, refines the development photos under each coarse recipe, and keeps
-the multiplier with the highest mean mBA gain over the recipes (refined minus coarse); IoU is reported beside.
+better ones, and on those a model that trusts the mask too little moves good boundaries. The edge snap
+(`crm_d2.guided`) then pulls the refined boundary onto the photo's colour edges. The two trade against each
+other: a lower gain or a stronger snap helps coarse masks and costs good ones. This tool refines the
+development photos under each coarse recipe once per gain multiplier (`--multipliers`), applies each candidate
+snap (`--snaps`) to those probabilities, and keeps the pair with the highest mean mBA gain over the recipes
+(refined minus coarse) among the pairs that lose no more than `--floor` allows (e.g. `4x=-0.5`: at most 0.5
+mBA below good 4x masks); IoU is reported beside.
 
 The development photos are the held-out photos that tools/heldout_eval.py does *not* judge (its 84 photos are
 every 3rd held-out item; these are the others, `--every` thins them), so the calibration never sees the photos
 the model is judged on, and training never saw either.
 
     python tools/calibrate_skip.py --weights runs/crm_demo_ft/model_final.pth --output calibrated.pth
-    python tools/calibrate_skip.py --weights W --output W2 --multipliers 1 1.25 1.5 2 --recipes 4x 8x 16x --half
+    python tools/calibrate_skip.py --weights W --output W2 --multipliers 2 2.5 3 --snaps off 1:1:0.01 \\
+        1:2:0.003 --floor 4x=-0.5 --half
+
+A snap is RADIUS:PASSES:EPS (crm_d2.guided.EdgeSnap) or "off".
 """
 import argparse
 import json
@@ -25,10 +32,43 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from heldout_eval import dev_items, evaluate, load_photos  # noqa: E402
+from heldout_eval import coarse_mask, dev_items, load_photos  # noqa: E402
 
 from crm_d2.checkpoint import save_checkpoint  # noqa: E402
+from crm_d2.guided import EdgeSnap, snap_probs  # noqa: E402
+from crm_d2.metrics import RefinementMetrics  # noqa: E402
 from crm_d2.refiner import Refiner  # noqa: E402
+
+
+def parse_snap(text):
+    try:
+        return EdgeSnap.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_floor(text):
+    recipe, _, value = text.partition("=")
+    try:
+        return recipe, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a floor is RECIPE=DMBA (e.g. 4x=-0.5), got {text!r}") from None
+
+
+def snap_name(snap):
+    return str(snap) if snap else "off"
+
+
+def score(photos, refined, recipes, snap):
+    """{recipe: summary} of the stored refinements after `snap`."""
+    meters = {r: RefinementMetrics() for r in recipes}
+    for (name, image, gts), per_recipe in zip(photos, refined):
+        for recipe in recipes:
+            coarse, probs = per_recipe[recipe]
+            probs = snap_probs(image, probs.copy(), snap)
+            for g, c, p in zip(gts, coarse, probs):
+                meters[recipe].update(p > 0.5, g, c, name=name)
+    return {r: m.summary() for r, m in meters.items()}
 
 
 def main(argv=None):
@@ -37,40 +77,70 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="where to write the calibrated checkpoint")
     p.add_argument("--data", default="../shared/data/crm-train")
     p.add_argument("--multipliers", nargs="+", type=float, default=[1.0, 1.25, 1.5, 1.75, 2.0])
+    p.add_argument("--snaps", nargs="+", type=parse_snap, default=[False],
+                   help="edge snaps to try: RADIUS:PASSES:EPS or off (default: off only)")
+    p.add_argument("--floor", nargs="*", type=parse_floor, default=[],
+                   help="RECIPE=DMBA: keep only pairs whose mBA gain on RECIPE is at least DMBA")
     p.add_argument("--recipes", nargs="+", default=["4x", "8x", "16x"])
     p.add_argument("--every", type=int, default=6, help="thin the development photos (default: 1 in 6, ~28)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--half", action="store_true", help="write the weights in float16 (as the shipped model)")
     p.add_argument("--json", default=None, help="also write the table here")
     args = p.parse_args(argv)
+    floors = dict(args.floor)
+    unknown = set(floors) - set(args.recipes)
+    if unknown:
+        raise SystemExit(f"--floor names recipes that are not in --recipes: {sorted(unknown)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    refiner = Refiner(args.weights, device="cpu")
+    refiner = Refiner(args.weights, device="cpu", edge_snap="off")
     model = refiner.model
     if not model.cfg.mask_skip:
         raise SystemExit(f"{args.weights}: this model has no mask skip; nothing to calibrate")
-    learned = float(model.mask_gain)
+    # a calibrated model (the shipped one) is calibrated again from the gain its training learned
+    earlier = getattr(model, "meta", {}).get("mask_gain_calibration")
+    learned = float(earlier["learned"]) if earlier else float(model.mask_gain)
     photos = list(load_photos(dev_items(args.data, args.every)))
     print(f"{len(photos)} development photos, learned gain {learned:.3f}", file=sys.stderr)
     table = []
     for mult in tqdm(args.multipliers, desc="gains"):
         with torch.no_grad():
             model.mask_gain.fill_(learned * mult)
-        res = {r: parts["all"] for r, parts in evaluate(refiner, photos, args.recipes, progress=False).items()}
-        gain = float(np.mean([res[r]["mba"] - res[r]["coarse_mba"] for r in args.recipes]))
-        table.append({"multiplier": mult, "gain": learned * mult, "mean_mba_gain": gain, "recipes": res})
-        cells = "  ".join(f"{r} {res[r]['iou']:.2f}/{res[r]['mba']:.2f} (coarse {res[r]['coarse_iou']:.2f}/"
-                          f"{res[r]['coarse_mba']:.2f})" for r in args.recipes)
-        print(f"x{mult:<5} gain {learned * mult:.3f}  mean mBA gain {gain:+.2f}  {cells}", flush=True)
-    best = max(table, key=lambda row: row["mean_mba_gain"])
+        refined = []
+        for k, (name, image, gts) in enumerate(photos):
+            per_recipe = {}
+            for recipe in args.recipes:
+                coarse = [coarse_mask(g, recipe, k) for g in gts]
+                per_recipe[recipe] = (coarse, refiner.refine_batch(image, coarse, output="prob"))
+            refined.append(per_recipe)
+        for snap in args.snaps:
+            res = score(photos, refined, args.recipes, snap)
+            gains = {r: res[r]["mba"] - res[r]["coarse_mba"] for r in args.recipes}
+            ok = all(gains[r] >= f for r, f in floors.items())
+            table.append({"multiplier": mult, "gain": learned * mult, "snap": snap.to_dict() if snap else None,
+                          "mean_mba_gain": float(np.mean(list(gains.values()))), "within_floor": ok,
+                          "recipes": res})
+            cells = "  ".join(f"{r} {res[r]['iou']:.2f}/{res[r]['mba']:.2f} ({gains[r]:+.2f})" for r in args.recipes)
+            print(f"x{mult:<5} snap {snap_name(snap):<10} mean mBA gain {table[-1]['mean_mba_gain']:+.2f}"
+                  f"{'' if ok else ' (below floor)'}  {cells}", flush=True)
+    eligible = [row for row in table if row["within_floor"]]
+    if not eligible:
+        raise SystemExit("no gain and snap keeps within --floor " + " ".join(f"{r}={v:g}" for r, v in floors.items()))
+    best = max(eligible, key=lambda row: row["mean_mba_gain"])
     with torch.no_grad():
         model.mask_gain.fill_(best["gain"])
     meta = dict(getattr(model, "meta", {}))
+    meta.pop("edge_snap", None)
+    if best["snap"]:
+        meta["edge_snap"] = best["snap"]
     meta["mask_gain_calibration"] = {
-        "learned": learned, "multiplier": best["multiplier"], "criterion": "mean mBA gain over " +
-        "/".join(args.recipes), "dev_photos": len(photos), "source": str(args.weights)}
+        "learned": learned, "multiplier": best["multiplier"], "edge_snap": best["snap"],
+        "criterion": "mean mBA gain over " + "/".join(args.recipes)
+        + "".join(f", {r} at least {v:+g}" for r, v in floors.items()),
+        "dev_photos": len(photos), "source": str(args.weights)}
     save_checkpoint(args.output, model, model.cfg, meta=meta, half=args.half)
-    print(f"wrote {args.output}: gain {learned:.3f} x {best['multiplier']} = {best['gain']:.3f}")
+    print(f"wrote {args.output}: gain {learned:.3f} x {best['multiplier']} = {best['gain']:.3f}, edge snap "
+          f"{snap_name(EdgeSnap.parse(best['snap']))}")
     if args.json:
         Path(args.json).write_text(json.dumps({"learned": learned, "table": table, "best": best}, indent=1))
     return 0

@@ -162,6 +162,8 @@ def main(argv=None):
     p.add_argument("--regions", action="store_true", help="score CCP label regions, refined in ROI mode")
     p.add_argument("--upscale", type=int, default=None, help="scale photos to this long side first")
     p.add_argument("--fast", action="store_true", help="fast mode")
+    p.add_argument("--edge-snap", default=None, metavar="R:P:EPS",
+                   help="Refiner's edge_snap: RADIUS[:PASSES[:EPS]] or off (default: the model's own)")
     p.add_argument("--device", default=None)
     p.add_argument("--write-big", default=None, help="also write BIG-layout folders (one per recipe)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
@@ -176,7 +178,8 @@ def main(argv=None):
     scales = None
     if args.scales:
         scales = "auto" if args.scales == ["auto"] else [float(s) for s in args.scales]
-    refiner = Refiner(args.weights, device=args.device, mode="fast" if args.fast else "exact")
+    refiner = Refiner(args.weights, device=args.device, mode="fast" if args.fast else "exact",
+                      edge_snap=args.edge_snap)
     items = heldout_items(args.data, args.every)
     if args.regions:
         items = [it for it in items if it.name.startswith("ccp/")]
@@ -190,11 +193,13 @@ def main(argv=None):
     what = (f"weights {args.weights}, scales {scales or refiner.scales}, {len(items)} held-out photos"
             f"{', CCP regions in ROI mode' if args.regions else ''}"
             f"{f', upscaled to {args.upscale} px' if args.upscale else ''}{', fast mode' if args.fast else ''}"
-            f"{f', encoder at most {args.max_side} px' if args.max_side else ''}")
+            f"{f', encoder at most {args.max_side} px' if args.max_side else ''}"
+            f", edge snap {refiner.edge_snap or 'off'}")
     print(table(results, f"Held-out IoU / mBA (percent), {what}; {took:.0f} s"))
     if args.json:
         out = {"weights": str(args.weights), "scales": scales or refiner.scales, "photos": len(items),
                "regions": args.regions, "upscale": args.upscale, "fast": args.fast, "max_side": args.max_side,
+               "edge_snap": str(refiner.edge_snap or "off"),
                "seconds": took,
                "results": results}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))

@@ -50,6 +50,9 @@ def add_crm_config(cfg):
     # about the training resolution, then doubling); [] = the checkpoint's own schedule, as Refiner() and
     # `crm-d2 panoptic` use when given none (the authors' file: the released 0.125, 0.25, 0.5, 1.0).
     cfg.MODEL.CRM.SCALES = []
+    # Guided filter of each refined probability with the photo (crm_d2.guided): "RADIUS:PASSES:EPS" or "off";
+    # "" = the checkpoint's own, as Refiner() and `crm-d2 panoptic --edge-snap` use when given none.
+    cfg.MODEL.CRM.EDGE_SNAP = ""
     # Context around each segment's box, as a fraction of the box size.
     cfg.MODEL.CRM.ROI_MARGIN = float(core.margin)
     # Long side cap of the encoder input per segment ROI (0 = no cap); decoding stays at full resolution.
