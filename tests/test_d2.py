@@ -373,6 +373,17 @@ def test_config_errors(crm_weights):
             assert get_crm_cfg(str(CONFIGS / config)).MODEL.CRM.BASE_META_ARCHITECTURE
 
 
+def test_edge_snap_key_means_what_the_refiner_option_means(crm_weights):
+    from crm_d2.guided import EdgeSnap
+
+    base = TINY + ["MODEL.CRM.WEIGHTS", crm_weights]
+    assert build_model(_cfg("MaskRCNN-R50-CRM.yaml", base)).crm_refiner.edge_snap is False  # "": the file's own
+    model = build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.EDGE_SNAP", "1:1:0.01"]))
+    assert model.crm_refiner.edge_snap == EdgeSnap(1, 1, 0.01)
+    with pytest.raises(ValueError, match="edge snap"):
+        build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.EDGE_SNAP", "wide"]))
+
+
 def _train_net(args, out, data, timeout=600):
     cmd = [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
            str(CONFIGS / "PanopticFPN-R50-CRM.yaml"), "--eval-only", *args, "OUTPUT_DIR", str(out)]
