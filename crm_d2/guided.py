@@ -57,15 +57,17 @@ class EdgeSnap:
             except ValueError as e:
                 raise ValueError(f"edge snap must be 'off' or RADIUS[:PASSES[:EPS]] (e.g. 1:2:0.003), got "
                                  f"{value!r}: {e}") from None
-        if value is False or (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value == 0):
+        if isinstance(value, bool):
+            if value:
+                raise ValueError("edge snap True says no radius: give RADIUS[:PASSES[:EPS]] (e.g. 1:1:0.01)")
             return False
+        if isinstance(value, (int, np.integer)):
+            return cls(radius=int(value)) if value else False
         if isinstance(value, dict):
             unknown = set(value) - {"radius", "eps", "passes"}
             if unknown:
                 raise ValueError(f"unknown edge snap keys {sorted(unknown)}; use radius, eps, passes")
             return cls(**value)
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            return cls(radius=int(value))
         raise ValueError(f"edge snap must be a radius, 'off', 'RADIUS:PASSES:EPS', a dict or an EdgeSnap, got "
                          f"{value!r}")
 
@@ -81,8 +83,8 @@ def _box(x, r):
 
 
 class _Guide:
-    """Per-window statistics of the guide image (means and inverse covariance), shared by every mask filtered
-    with it."""
+    """Per-window statistics of the guide image (means and inverse covariance), computed once for all the
+    passes over a mask."""
 
     def __init__(self, rgb, r, eps):
         I = rgb.astype(np.float32) * (1 / 255)

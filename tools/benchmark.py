@@ -169,7 +169,7 @@ def markdown(results):
 
 
 def main():
-    from crm_d2.commands.common import add_scales_argument
+    from crm_d2.commands.common import add_scales_argument, edge_snap_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), type=size_arg, help="1k 2k 4k 6k or WIDTHxHEIGHT")
@@ -185,8 +185,8 @@ def main():
                    help="CUDA: cap the caching allocator at this many GiB (emulates a smaller card)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-mb", type=int, default=512)
-    p.add_argument("--edge-snap", default=None, help="Refiner's edge_snap (RADIUS:PASSES:EPS or off; default: the "
-                   "model's own)")
+    p.add_argument("--edge-snap", default=None, type=edge_snap_argument,
+                   help="Refiner's edge_snap (RADIUS:PASSES:EPS or off; default: the model's own)")
     add_scales_argument(p)
     p.add_argument("--photos", help="folder with images/ and masks/ (same stems): upscaled real photos as inputs")
     p.add_argument("--photo-count", type=int, default=3, help="photos taken evenly from --photos")

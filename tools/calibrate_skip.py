@@ -35,16 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout_eval import coarse_mask, dev_items, load_photos  # noqa: E402
 
 from crm_d2.checkpoint import save_checkpoint  # noqa: E402
+from crm_d2.commands.common import edge_snap_argument  # noqa: E402
 from crm_d2.guided import EdgeSnap, snap_probs  # noqa: E402
 from crm_d2.metrics import RefinementMetrics  # noqa: E402
 from crm_d2.refiner import Refiner  # noqa: E402
-
-
-def parse_snap(text):
-    try:
-        return EdgeSnap.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_floor(text):
@@ -77,7 +71,7 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="where to write the calibrated checkpoint")
     p.add_argument("--data", default="../shared/data/crm-train")
     p.add_argument("--multipliers", nargs="+", type=float, default=[1.0, 1.25, 1.5, 1.75, 2.0])
-    p.add_argument("--snaps", nargs="+", type=parse_snap, default=[False],
+    p.add_argument("--snaps", nargs="+", type=edge_snap_argument, default=["off"],
                    help="edge snaps to try: RADIUS:PASSES:EPS or off (default: off only)")
     p.add_argument("--floor", nargs="*", type=parse_floor, default=[],
                    help="RECIPE=DMBA: keep only pairs whose mBA gain on RECIPE is at least DMBA")
@@ -87,6 +81,7 @@ def main(argv=None):
     p.add_argument("--half", action="store_true", help="write the weights in float16 (as the shipped model)")
     p.add_argument("--json", default=None, help="also write the table here")
     args = p.parse_args(argv)
+    snaps = [EdgeSnap.parse(s) for s in args.snaps]
     floors = dict(args.floor)
     unknown = set(floors) - set(args.recipes)
     if unknown:
@@ -113,7 +108,7 @@ def main(argv=None):
                 coarse = [coarse_mask(g, recipe, k) for g in gts]
                 per_recipe[recipe] = (coarse, refiner.refine_batch(image, coarse, output="prob"))
             refined.append(per_recipe)
-        for snap in args.snaps:
+        for snap in snaps:
             res = score(photos, refined, args.recipes, snap)
             gains = {r: res[r]["mba"] - res[r]["coarse_mba"] for r in args.recipes}
             ok = all(gains[r] >= f for r, f in floors.items())

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from crm_d2.commands.common import edge_snap_argument
 from crm_d2.io import atomic_write, read_image, read_mask, write_image, write_png
 from crm_d2.metrics import RefinementMetrics
 from crm_d2.pictures import mask_panel, side_by_side
@@ -162,7 +163,7 @@ def main(argv=None):
     p.add_argument("--regions", action="store_true", help="score CCP label regions, refined in ROI mode")
     p.add_argument("--upscale", type=int, default=None, help="scale photos to this long side first")
     p.add_argument("--fast", action="store_true", help="fast mode")
-    p.add_argument("--edge-snap", default=None, metavar="R:P:EPS",
+    p.add_argument("--edge-snap", default=None, metavar="R:P:EPS", type=edge_snap_argument,
                    help="Refiner's edge_snap: RADIUS[:PASSES[:EPS]] or off (default: the model's own)")
     p.add_argument("--device", default=None)
     p.add_argument("--write-big", default=None, help="also write BIG-layout folders (one per recipe)")
