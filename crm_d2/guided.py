@@ -5,6 +5,7 @@ filter of radius 1 pulls a probability step onto the nearest colour edge and lea
 has none (there it only averages). Measured on held-out photos (docs/demo_model.md, "Edge snap"): it adds 1-3
 mBA to masks from an 8-16x lower-resolution segmenter and costs good (4x) masks where the labels do not sit
 on the colour edge, so it is opt-in; a checkpoint may carry one (`meta["edge_snap"]`), the shipped ones do not.
+`min_shift` gates it to the masks that refinement moved (those the model found coarse).
 
 Each window is fitted with the local linear model q = a . I + b (I the RGB in [0, 1]), so a filtered step
 follows the photo's edges. Outside the band where the probability varies the output equals the input, so the
@@ -15,18 +16,21 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-__all__ = ["EdgeSnap", "guided_filter", "snap_probs"]
+__all__ = ["EdgeSnap", "guided_filter", "snap_probs", "boundary_shift"]
 
 
 @dataclass(frozen=True)
 class EdgeSnap:
     """radius: filter window radius in output pixels (1 = 3x3 windows); passes: times the filter is applied
     (each pass reaches `radius` further); eps: regularisation, in units of RGB variance on [0, 1] (larger =
-    smoother, fewer pulls towards weak edges)."""
+    smoother, fewer pulls towards weak edges); min_shift: snap only masks that refinement moved by at least this
+    many pixels on average (pixels that changed side / the coarse mask's boundary length). The snap helps masks
+    the model found far off and costs good ones, which the model leaves nearly as they are."""
 
     radius: int = 1
     passes: int = 1
     eps: float = 0.01
+    min_shift: float = 0.0
 
     def __post_init__(self):
         if int(self.radius) != self.radius or self.radius < 1:
@@ -35,12 +39,14 @@ class EdgeSnap:
             raise ValueError(f"edge snap eps must be > 0, got {self.eps}")
         if int(self.passes) != self.passes or self.passes < 1:
             raise ValueError(f"edge snap passes must be a whole number >= 1, got {self.passes}")
+        if not self.min_shift >= 0:
+            raise ValueError(f"edge snap min_shift must be >= 0, got {self.min_shift}")
 
     @classmethod
     def parse(cls, value):
         """What the Python API, the CLI and the Detectron2 config may say, in one place: None or "" (nothing
-        said: the checkpoint's own) -> None; False, 0 or "off" -> False; an int radius, "RADIUS[:PASSES[:EPS]]",
-        a dict or an EdgeSnap -> EdgeSnap."""
+        said: the checkpoint's own) -> None; False, 0 or "off" -> False; an int radius,
+        "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]]", a dict or an EdgeSnap -> EdgeSnap."""
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, str):
@@ -51,12 +57,12 @@ class EdgeSnap:
                 return False
             parts = value.split(":")
             try:
-                if len(parts) > 3:
+                if len(parts) > 4:
                     raise ValueError("too many fields")
-                return cls(*(int(parts[0]), *(int(x) for x in parts[1:2]), *(float(x) for x in parts[2:3])))
+                return cls(*(int(parts[0]), *(int(x) for x in parts[1:2]), *(float(x) for x in parts[2:4])))
             except ValueError as e:
-                raise ValueError(f"edge snap must be 'off' or RADIUS[:PASSES[:EPS]] (e.g. 1:2:0.003), got "
-                                 f"{value!r}: {e}") from None
+                raise ValueError(f"edge snap must be 'off' or RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] (e.g. 1:2:0.003:0.3), "
+                                 f"got {value!r}: {e}") from None
         if isinstance(value, bool):
             if value:
                 raise ValueError("edge snap True says no radius: give RADIUS[:PASSES[:EPS]] (e.g. 1:1:0.01)")
@@ -64,15 +70,15 @@ class EdgeSnap:
         if isinstance(value, (int, np.integer)):
             return cls(radius=int(value)) if value else False
         if isinstance(value, dict):
-            unknown = set(value) - {"radius", "eps", "passes"}
+            unknown = set(value) - {"radius", "passes", "eps", "min_shift"}
             if unknown:
-                raise ValueError(f"unknown edge snap keys {sorted(unknown)}; use radius, eps, passes")
+                raise ValueError(f"unknown edge snap keys {sorted(unknown)}; use radius, passes, eps, min_shift")
             return cls(**value)
-        raise ValueError(f"edge snap must be a radius, 'off', 'RADIUS:PASSES:EPS', a dict or an EdgeSnap, got "
-                         f"{value!r}")
+        raise ValueError("edge snap must be a radius, 'off', 'RADIUS:PASSES:EPS[:MIN_SHIFT]', a dict or an EdgeSnap, "
+                         f"got {value!r}")
 
     def __str__(self):
-        return f"{self.radius}:{self.passes}:{self.eps:g}"
+        return f"{self.radius}:{self.passes}:{self.eps:g}" + (f":{self.min_shift:g}" if self.min_shift else "")
 
     def to_dict(self):
         return asdict(self)
@@ -132,15 +138,28 @@ def _active_box(p, halo):
             slice(max(0, cols[0] - halo), min(w, cols[-1] + 1 + halo)))
 
 
-def snap_probs(rgb, probs, snap, where=None):
+def boundary_shift(prob, coarse):
+    """How far refinement moved a mask, in pixels on average: pixels on the other side of 0.5 than in the coarse
+    mask, over the coarse mask's boundary length."""
+    c = (coarse > 0.5).astype(np.uint8)
+    length = np.count_nonzero(c != cv2.erode(c, None))
+    return np.count_nonzero((prob > 0.5) != c.astype(bool)) / max(1, length)
+
+
+def snap_probs(rgb, probs, snap, where=None, coarse=None):
     """Edge-snap probabilities in place: probs is N x H x W float32 in [0, 1] on the photo `rgb` (H x W x 3
     uint8), or on its crop `where` (a pair of slices). Each mask is filtered on the box where it varies (plus a
-    halo of the filter's reach), the result clipped to [0, 1]."""
+    halo of the filter's reach), the result clipped to [0, 1]. `coarse` (N x H x W, the masks refinement started
+    from) is needed when `snap.min_shift` is set: masks moved less than that are left as they are."""
     if not snap:
         return probs
+    if snap.min_shift and coarse is None:
+        raise ValueError("an edge snap with min_shift needs the coarse masks")
     rgb = rgb if where is None else rgb[where]
     halo = 2 * snap.radius * snap.passes + 2
-    for p in probs:
+    for k, p in enumerate(probs):
+        if snap.min_shift and boundary_shift(p, coarse[k]) < snap.min_shift:
+            continue
         box = _active_box(p, halo)
         if box is None:
             continue

@@ -42,7 +42,7 @@ class Refiner(FastMode):
         fast: FastOptions for mode="fast".
         config: architecture for `weights=None`.
         edge_snap: a guided filter of the refined probability with the photo as guide (`crm_d2.guided`): an
-            int radius, "RADIUS:PASSES:EPS", an EdgeSnap, or "off"/False; default: the checkpoint's own
+            int radius, "RADIUS:PASSES:EPS[:MIN_SHIFT]", an EdgeSnap, or "off"/False; default: the checkpoint's own
             `meta["edge_snap"]`, else off (the demo model and the authors' checkpoint carry none). It helps
             coarse masks (8-16x) and costs good ones (docs/demo_model.md, "Edge snap").
     """
@@ -129,18 +129,19 @@ class Refiner(FastMode):
                     crops = torch.cat([img_t[..., b.y0 : b.y1, b.x0 : b.x1] for _, b in part])
                     crop_masks = np.stack([masks[i][b.slices] for i, b in part])
                     out = self._run(crops, crop_masks, scales, max_side, min_side)
-                    for (i, b), p in zip(part, out):
+                    for (i, b), p, coarse in zip(part, out, crop_masks):
                         probs[i] = masks[i]
-                        probs[i][b.slices] = self._snap(image, p[None], b.slices)[0]
+                        probs[i][b.slices] = self._snap(image, p[None], coarse[None], b.slices)[0]
         else:
             for start in range(0, len(masks), self.max_batch):
+                chunk = masks[start : start + self.max_batch]
                 probs[start : start + self.max_batch] = self._snap(
-                    image, self._run(img_t, masks[start : start + self.max_batch], scales, max_side))
+                    image, self._run(img_t, chunk, scales, max_side), chunk)
         return format_output(probs, output)
 
-    def _snap(self, image, probs, where=None):
+    def _snap(self, image, probs, coarse, where=None):
         t0 = time.perf_counter()
-        out = snap_probs(image, probs, self.edge_snap, where)
+        out = snap_probs(image, probs, self.edge_snap, where, coarse)
         if self.profile is not None and self.edge_snap:
             self.profile.append({"edge_snap_s": time.perf_counter() - t0})
         return out

@@ -2,13 +2,14 @@
 the CLI choose it."""
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from crm_d2.checkpoint import save_checkpoint
 from crm_d2.cli import main
-from crm_d2.guided import EdgeSnap, guided_filter, snap_probs
+from crm_d2.guided import EdgeSnap, boundary_shift, guided_filter, snap_probs
 from crm_d2.model import CRM, CRMConfig
 from crm_d2.refiner import Refiner
 from crm_d2.schedule import roi_box
@@ -103,6 +104,25 @@ def test_snap_on_the_active_box_equals_the_whole_image_and_roi_crops():
     np.testing.assert_array_equal(snap_probs(rgb, zeros, snap), 0)
 
 
+def test_min_shift_snaps_only_masks_that_refinement_moved():
+    rgb = edge_photo()
+    coarse = np.zeros((2, 40, 48), np.float32)
+    coarse[:, 5:35, 25:] = 1  # boundary 1 px right of the photo's edge at x = 24
+    probs = coarse.copy()
+    probs[1, 5:35, 24:] = 1  # the second mask was moved by refinement: 30 pixels over a ~90 px boundary
+    assert boundary_shift(probs[0], coarse[0]) == 0
+    assert boundary_shift(probs[1], coarse[1]) == pytest.approx(30 / np.count_nonzero(
+        coarse[1] != cv2.erode(coarse[1], None)))
+    gated = EdgeSnap(1, 2, 0.003, min_shift=0.2)
+    out = snap_probs(rgb, probs.copy(), gated, coarse=coarse)
+    np.testing.assert_array_equal(out[0], probs[0])  # kept: refinement left it where it was
+    ungated = snap_probs(rgb, probs.copy(), EdgeSnap(1, 2, 0.003))
+    np.testing.assert_array_equal(out[1], ungated[1])  # snapped as without the gate
+    assert not np.array_equal(ungated[0], probs[0])  # and the gate is what kept the first one
+    with pytest.raises(ValueError, match="coarse"):
+        snap_probs(rgb, probs.copy(), gated)
+
+
 def test_edge_snap_values_mean_the_same_everywhere():
     assert EdgeSnap.parse(None) is None and EdgeSnap.parse("") is None  # nothing said: the checkpoint's own
     assert EdgeSnap.parse("off") is False and EdgeSnap.parse(0) is False and EdgeSnap.parse(False) is False
@@ -110,7 +130,9 @@ def test_edge_snap_values_mean_the_same_everywhere():
                                                                                   "eps": 0.003})
     assert EdgeSnap.parse(2) == EdgeSnap.parse("2") == EdgeSnap(radius=2)
     assert EdgeSnap.parse(str(EdgeSnap(3, 1, 0.02))) == EdgeSnap(3, 1, 0.02)
-    for bad in ("x", "1:2:3:4", "0", -1, True, 1.5, {"size": 1}, "1:0"):
+    assert EdgeSnap.parse("1:2:0.003:0.3") == EdgeSnap(1, 2, 0.003, 0.3) == EdgeSnap.parse(str(EdgeSnap(1, 2, 0.003,
+                                                                                                      0.3)))
+    for bad in ("x", "1:2:3:4:5", "0", -1, True, 1.5, {"size": 1}, "1:0", "1:1:0.01:-1"):
         with pytest.raises(ValueError, match="edge snap"):
             EdgeSnap.parse(bad)
 
@@ -136,6 +158,14 @@ def test_refiner_takes_the_checkpoints_snap_unless_told_otherwise(snap_checkpoin
     expect = snap_probs(img, raw[None].copy(), own.edge_snap)[0]
     np.testing.assert_allclose(own.refine(img, coarse), expect, atol=1e-5)
     assert not np.allclose(raw, expect)  # the snap did something on this scene
+    # a gate the refinement's shift does not reach leaves the output as it was; one it reaches snaps it
+    shift = boundary_shift(raw, coarse.astype(np.float32))
+    for min_shift, want in ((shift * 2 + 1, raw), (shift / 2, expect)):
+        gated = Refiner(str(snap_checkpoint), device="cpu", edge_snap=EdgeSnap(1, 2, 0.003, min_shift))
+        np.testing.assert_allclose(gated.refine(img, coarse), want, atol=1e-5)
+        np.testing.assert_allclose(gated.refine(img, coarse, roi=True, margin=0.1),
+                                   (own if min_shift < shift else off).refine(img, coarse, roi=True, margin=0.1),
+                                   atol=1e-5)
     # ROI mode snaps inside the box and keeps the coarse mask outside it
     roi_raw = off.refine(img, coarse, roi=True, margin=0.1)
     roi = own.refine(img, coarse, roi=True, margin=0.1)
@@ -150,8 +180,6 @@ def test_refiner_takes_the_checkpoints_snap_unless_told_otherwise(snap_checkpoin
 
 
 def test_cli_edge_snap_is_an_output_setting(tmp_path, snap_checkpoint, scene, capsys):
-    import cv2
-
     img, gt, coarse = scene
     d = tmp_path / "big"
     d.mkdir()
@@ -166,7 +194,7 @@ def test_cli_edge_snap_is_an_output_setting(tmp_path, snap_checkpoint, scene, ca
     assert "edge_snap 'off' -> None" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # refused when parsed, before anything runs
         main(args + ["--edge-snap", "1:x"])
-    assert "RADIUS[:PASSES[:EPS]]" in capsys.readouterr().err
+    assert "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]]" in capsys.readouterr().err
     assert main(args + ["--edge-snap", "1:1", "--overwrite"]) == 0
     assert json.loads((out / "run.json").read_text())["edge_snap"] == "1:1:0.01"  # one written form
     assert main(args + ["--edge-snap", "1:1:0.01"]) == 0

@@ -19,7 +19,7 @@ the model is judged on, and training never saw either.
     python tools/calibrate_skip.py --weights W --output W2 --multipliers 2 2.5 3 --snaps off 1:1:0.01 \\
         1:2:0.003 --floor 4x=-0.5 --half
 
-A snap is RADIUS:PASSES:EPS (crm_d2.guided.EdgeSnap) or "off".
+A snap is RADIUS:PASSES:EPS[:MIN_SHIFT] (crm_d2.guided.EdgeSnap) or "off".
 """
 import argparse
 import json
@@ -59,7 +59,7 @@ def score(photos, refined, recipes, snap):
     for (name, image, gts), per_recipe in zip(photos, refined):
         for recipe in recipes:
             coarse, probs = per_recipe[recipe]
-            probs = snap_probs(image, probs.copy(), snap)
+            probs = snap_probs(image, probs.copy(), snap, coarse=np.stack(coarse))
             for g, c, p in zip(gts, coarse, probs):
                 meters[recipe].update(p > 0.5, g, c, name=name)
     return {r: m.summary() for r, m in meters.items()}

@@ -22,11 +22,12 @@ def add_model_arguments(parser, weights_default="demo"):
     parser.add_argument("--fast", action="store_true",
                         help="fast mode: re-decode only a band around each scale's boundary (not bit-exact; "
                              "docs/benchmark.md)")
-    parser.add_argument("--edge-snap", default=None, metavar="R:P:EPS", type=edge_snap_argument,
+    parser.add_argument("--edge-snap", default=None, metavar="R:P:EPS[:MIN_SHIFT]", type=edge_snap_argument,
                         help="guided filter of the refined probability with the photo (crm_d2.guided): "
-                             "RADIUS[:PASSES[:EPS]] or 'off' (default: the model's own; the demo model and the "
-                             "authors' file have none). 1:1:0.01 helps masks from a 8-16x lower-resolution "
-                             "segmenter and costs good ones (docs/demo_model.md, 'Edge snap')")
+                             "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] or 'off' (default: the model's own; the demo model "
+                             "and the authors' file have none). 1:1:0.01 helps masks from an 8-16x lower-resolution "
+                             "segmenter and costs good ones; 1:2:0.003:0.3 snaps only masks that refinement moved "
+                             "(docs/demo_model.md, 'Edge snap')")
 
 
 def edge_snap_argument(text):
