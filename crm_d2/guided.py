@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-__all__ = ["EdgeSnap", "guided_filter", "snap_probs", "boundary_shift"]
+__all__ = ["EdgeSnap", "guided_filter", "snap_probs", "boundary_shift", "snap_text"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ class EdgeSnap:
                                  f"got {value!r}: {e}") from None
         if isinstance(value, bool):
             if value:
-                raise ValueError("edge snap True says no radius: give RADIUS[:PASSES[:EPS]] (e.g. 1:1:0.01)")
+                raise ValueError("edge snap True says no radius: give RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] "
+                                 "(e.g. 1:1:0.01)")
             return False
         if isinstance(value, (int, np.integer)):
             return cls(radius=int(value)) if value else False
@@ -82,6 +83,11 @@ class EdgeSnap:
 
     def to_dict(self):
         return asdict(self)
+
+
+def snap_text(snap):
+    """The one written form of a parsed snap: "off" or RADIUS:PASSES:EPS[:MIN_SHIFT] (run records, reports)."""
+    return str(snap) if snap else "off"
 
 
 def _box(x, r):

@@ -36,7 +36,7 @@ from heldout_eval import coarse_mask, dev_items, load_photos  # noqa: E402
 
 from crm_d2.checkpoint import save_checkpoint  # noqa: E402
 from crm_d2.commands.common import edge_snap_argument  # noqa: E402
-from crm_d2.guided import EdgeSnap, snap_probs  # noqa: E402
+from crm_d2.guided import EdgeSnap, snap_probs, snap_text  # noqa: E402
 from crm_d2.metrics import RefinementMetrics  # noqa: E402
 from crm_d2.refiner import Refiner  # noqa: E402
 
@@ -47,10 +47,6 @@ def parse_floor(text):
         return recipe, float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a floor is RECIPE=DMBA (e.g. 4x=-0.5), got {text!r}") from None
-
-
-def snap_name(snap):
-    return str(snap) if snap else "off"
 
 
 def score(photos, refined, recipes, snap):
@@ -72,7 +68,7 @@ def main(argv=None):
     p.add_argument("--data", default="../shared/data/crm-train")
     p.add_argument("--multipliers", nargs="+", type=float, default=[1.0, 1.25, 1.5, 1.75, 2.0])
     p.add_argument("--snaps", nargs="+", type=edge_snap_argument, default=["off"],
-                   help="edge snaps to try: RADIUS:PASSES:EPS or off (default: off only)")
+                   help="edge snaps to try: RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] or off (default: off only)")
     p.add_argument("--floor", nargs="*", type=parse_floor, default=[],
                    help="RECIPE=DMBA: keep only pairs whose mBA gain on RECIPE is at least DMBA")
     p.add_argument("--recipes", nargs="+", default=["4x", "8x", "16x"])
@@ -116,7 +112,7 @@ def main(argv=None):
                           "mean_mba_gain": float(np.mean(list(gains.values()))), "within_floor": ok,
                           "recipes": res})
             cells = "  ".join(f"{r} {res[r]['iou']:.2f}/{res[r]['mba']:.2f} ({gains[r]:+.2f})" for r in args.recipes)
-            print(f"x{mult:<5} snap {snap_name(snap):<10} mean mBA gain {table[-1]['mean_mba_gain']:+.2f}"
+            print(f"x{mult:<5} snap {snap_text(snap):<10} mean mBA gain {table[-1]['mean_mba_gain']:+.2f}"
                   f"{'' if ok else ' (below floor)'}  {cells}", flush=True)
     eligible = [row for row in table if row["within_floor"]]
     if not eligible:
@@ -135,7 +131,7 @@ def main(argv=None):
         "dev_photos": len(photos), "source": str(args.weights)}
     save_checkpoint(args.output, model, model.cfg, meta=meta, half=args.half)
     print(f"wrote {args.output}: gain {learned:.3f} x {best['multiplier']} = {best['gain']:.3f}, edge snap "
-          f"{snap_name(EdgeSnap.parse(best['snap']))}")
+          f"{snap_text(EdgeSnap.parse(best['snap']))}")
     if args.json:
         Path(args.json).write_text(json.dumps({"learned": learned, "table": table, "best": best}, indent=1))
     return 0

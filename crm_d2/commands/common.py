@@ -32,13 +32,13 @@ def add_model_arguments(parser, weights_default="demo"):
 
 def edge_snap_argument(text):
     """Checked when parsed, and written in one form ("off" or R:P:EPS), so run records compare equal."""
-    from ..guided import EdgeSnap
+    from ..guided import EdgeSnap, snap_text
 
     try:
         snap = EdgeSnap.parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return None if snap is None else str(snap) if snap else "off"
+    return None if snap is None else snap_text(snap)
 
 
 class ScalesAction(argparse.Action):
