@@ -9,13 +9,11 @@ rank's RNG states (torch, CUDA, numpy, python) and k. The data stream is a pure 
 resumed from k computes exactly what the uninterrupted run computed after k (bit-identical on CPU; on CUDA as
 deterministic as the kernels are).
 """
-import json
 import logging
 import math
 import multiprocessing
 import os
 import random
-import re
 import sys
 import time
 from collections import Counter
@@ -36,8 +34,10 @@ from crm_d2.io import atomic_write
 from crm_d2.model import CRM, normalize_image, normalize_input
 from crm_d2.train.config import load_config, model_config
 from crm_d2.train.data import CRMTrainDataset, StreamSampler, build_items, val_samples
+from crm_d2.train.imagenet import load_imagenet_encoder
 from crm_d2.train.losses import CRMLoss, boundary_band, draw_sample
 from crm_d2.train.perturb import PerturbConfig
+from crm_d2.train.resume import MetricsLog, load_scheduler_state, rng_state, scheduler_state, set_rng_state
 
 logger = logging.getLogger("crm_d2.train")
 
@@ -58,73 +58,6 @@ def fit_to_budget(iteration, iters_per_s, seconds_left, max_iter, steps):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def load_imagenet_encoder(model, path):
-    """Initialise the encoder from an ImageNet ResNet state_dict (torchvision names), as released: conv1's
-    extra mask channel is zero, layer4 and fc are ignored. Returns the number of tensors loaded."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ImageNet weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a ResNet state_dict")
-    state = {re.sub(r"^(module\.)?(backbone\.)?", "", k): v for k, v in state.items()}
-    own = model.feats.state_dict()
-    new, loaded = {}, 0
-    for k, v in own.items():
-        src = state.get(k)
-        if src is None:
-            continue
-        if k == "conv1.weight" and src.shape[1] == 3 and v.shape[1] == 4:
-            src = torch.cat([src, torch.zeros_like(src[:, :1])], 1)
-        if src.shape != v.shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(src.shape)}, the encoder needs {tuple(v.shape)} "
-                             f"(ImageNet init needs the r50 architecture)")
-        new[k] = src.to(v.dtype)
-        loaded += 1
-    if "conv1.weight" not in new or "layer1.0.conv1.weight" not in new:
-        raise ValueError(f"{path}: does not look like a torchvision ResNet state_dict (no conv1/layer1 weights)")
-    model.feats.load_state_dict(new, strict=False)
-    return loaded
-
-
-def _rng_state():
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _scheduler_state(sched):
-    s = sched.state_dict()
-    s["milestones"] = dict(s["milestones"])  # Counter is not in torch.load's weights_only allow-list
-    return s
-
-
-def _load_scheduler_state(sched, s):
-    s = dict(s)
-    s["milestones"] = Counter(s["milestones"])
-    sched.load_state_dict(s)
-
-
 _MP_CONTEXT = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
 
 
@@ -134,28 +67,6 @@ def _worker_init(_):
     import cv2
 
     cv2.setNumThreads(1)
-
-
-class _JsonLog:
-    """metrics.jsonl: one JSON object per line; on resume, rows past the resumed iteration are dropped."""
-
-    def __init__(self, path, resume_iter=None):
-        self.path = Path(path)
-        if resume_iter is not None and self.path.exists():
-            keep = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("iter", 0) <= resume_iter:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    pass  # a line cut by the kill
-            self.path.write_text("".join(line + "\n" for line in keep))
-        elif resume_iter is None and self.path.exists():
-            self.path.unlink()
-
-    def write(self, row):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 def _finite(x):
@@ -236,7 +147,7 @@ class Trainer:
                 resume_iter = self.iteration
         if self.env.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.jsonl = _JsonLog(self.out / "metrics.jsonl", resume_iter)
+            self.jsonl = MetricsLog(self.out / "metrics.jsonl", resume_iter)
             self.tb = self._tensorboard()
             self._write_config()
         self._refiner = None
@@ -294,7 +205,7 @@ class Trainer:
                              f"{self.model_cfg.to_dict()}")
         load_state(self.model, ckpt["model"], source=str(path))
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        _load_scheduler_state(self.scheduler, ckpt["scheduler"])
+        load_scheduler_state(self.scheduler, ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
@@ -304,7 +215,7 @@ class Trainer:
             self._fitted(self.max_iter, list(self.scheduler.milestones))
         states = ckpt.get("rng") or []
         if len(states) == self.env.world_size:
-            _set_rng_state(states[self.env.rank])
+            set_rng_state(states[self.env.rank])
         else:
             logger.warning("%s was written by %d processes, this run has %d: RNG streams are reseeded, the "
                            "continuation is not bit-identical", path, len(states), self.env.world_size)
@@ -313,14 +224,14 @@ class Trainer:
             logger.info("resumed from %s at iteration %d", path, self.iteration)
 
     def save(self, final=False):
-        rng = self.env.gather(_rng_state())
+        rng = self.env.gather(rng_state())
         if not self.env.main:
             return None
         name = f"model_{self.iteration:07d}.pth"
         meta = {**self._schedule_meta(), "iteration": self.iteration, "preset": self.cfg["model"]["preset"]}
         save_checkpoint(
             self.out / name, self.model, self.model_cfg, meta=meta,
-            optimizer=self.optimizer.state_dict(), scheduler=_scheduler_state(self.scheduler),
+            optimizer=self.optimizer.state_dict(), scheduler=scheduler_state(self.scheduler),
             scaler=self.scaler.state_dict() if self.amp else None, iteration=self.iteration, rng=rng,
             sampler={"position": self.iteration * self.cfg["solver"]["batch_size"], "seed": int(self.cfg["seed"])},
             train_config=self._public_config(),
