@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from .schedule import boundary_shift
+
 __all__ = ["EdgeSnap", "guided_filter", "snap_probs", "boundary_shift", "snap_text"]
 
 
@@ -142,14 +144,6 @@ def _active_box(p, halo):
     h, w = p.shape
     return (slice(max(0, rows[0] - halo), min(h, rows[-1] + 1 + halo)),
             slice(max(0, cols[0] - halo), min(w, cols[-1] + 1 + halo)))
-
-
-def boundary_shift(prob, coarse):
-    """How far refinement moved a mask, in pixels on average: pixels on the other side of 0.5 than in the coarse
-    mask, over the coarse mask's boundary length."""
-    c = (coarse > 0.5).astype(np.uint8)
-    length = np.count_nonzero(c != cv2.erode(c, None))
-    return np.count_nonzero((prob > 0.5) != c.astype(bool)) / max(1, length)
 
 
 def snap_probs(rgb, probs, snap, where=None, coarse=None):

@@ -15,9 +15,10 @@ from .fast import FastMode, FastOptions
 from .guided import EdgeSnap, snap_probs
 from .inputs import OUTPUTS, PAD, format_output, resize, to_mask_stack, to_rgb_array
 from .model import CRM, TRUNK_BYTES_PER_PX_PER_WIDTH, CRMConfig, make_coord, normalize_image
-from .schedule import AUTO_BASE, DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, RoiBox, roi_box, stage_scales
+from .schedule import (AUTO_BASE, DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, RoiBox, Rounds, boundary_shift, roi_box,
+                       stage_scales)
 
-__all__ = ["Refiner", "FastOptions", "EdgeSnap"]
+__all__ = ["Refiner", "FastOptions", "EdgeSnap", "Rounds"]
 
 CPU_CHUNK_QUERIES = 16384  # decoder queries per step on CPU: keeps the 32-d working set in L2
 
@@ -45,10 +46,14 @@ class Refiner(FastMode):
             int radius, "RADIUS:PASSES:EPS[:MIN_SHIFT]", an EdgeSnap, or "off"/False; default: the checkpoint's own
             `meta["edge_snap"]`, else off (the demo model and the authors' checkpoint carry none). It helps
             coarse masks (8-16x) and costs good ones (docs/demo_model.md, "Edge snap").
+        rounds: refine again, from its own probability, each mask that the last round still moved by at least
+            MIN_SHIFT px on average, up to COUNT rounds (`crm_d2.schedule.Rounds`): an int COUNT, "COUNT:MIN_SHIFT",
+            or a Rounds; default: the checkpoint's own `meta["rounds"]`, else 1 (one pass of the schedule).
     """
 
     def __init__(self, weights="demo", device=None, scales=None, memory_budget=512 << 20, max_batch=8,
-                 amp=False, allow_random=False, config=None, mode="exact", fast=None, edge_snap=None):
+                 amp=False, allow_random=False, config=None, mode="exact", fast=None, edge_snap=None,
+                 rounds=None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -70,6 +75,8 @@ class Refiner(FastMode):
         self.auto_base = int(meta.get("auto_base", AUTO_BASE))
         snap = EdgeSnap.parse(edge_snap)
         self.edge_snap = (EdgeSnap.parse(meta.get("edge_snap")) or False) if snap is None else snap
+        rounds = Rounds.parse(rounds)
+        self.rounds = (Rounds.parse(meta.get("rounds")) or Rounds()) if rounds is None else rounds
         self.memory_budget = int(memory_budget)
         self.max_batch = max(1, int(max_batch))
         self.amp = bool(amp)
@@ -128,7 +135,7 @@ class Refiner(FastMode):
                     part = items[start : start + self.max_batch]
                     crops = torch.cat([img_t[..., b.y0 : b.y1, b.x0 : b.x1] for _, b in part])
                     crop_masks = np.stack([masks[i][b.slices] for i, b in part])
-                    out = self._run(crops, crop_masks, scales, max_side, min_side)
+                    out = self._run_rounds(crops, crop_masks, scales, max_side, min_side)
                     for (i, b), p, coarse in zip(part, out, crop_masks):
                         probs[i] = masks[i]
                         probs[i][b.slices] = self._snap(image, p[None], coarse[None], b.slices)[0]
@@ -136,7 +143,7 @@ class Refiner(FastMode):
             for start in range(0, len(masks), self.max_batch):
                 chunk = masks[start : start + self.max_batch]
                 probs[start : start + self.max_batch] = self._snap(
-                    image, self._run(img_t, chunk, scales, max_side), chunk)
+                    image, self._run_rounds(img_t, chunk, scales, max_side), chunk)
         return format_output(probs, output)
 
     def _snap(self, image, probs, coarse, where=None):
@@ -147,6 +154,22 @@ class Refiner(FastMode):
         return out
 
     # ------------------------------------------------------------------------------------------- engine
+    def _run_rounds(self, images, masks, scales, max_side, min_side=None):
+        """The schedule, then `self.rounds`: the schedule's last stage again, from the last round's probability,
+        for the masks that round moved by at least rounds.min_shift px (the others have settled)."""
+        probs = self._run(images, masks, scales, max_side, min_side)
+        last_stage = (1.0,) if isinstance(scales, str) else tuple(scales)[-1:]
+        active, before = np.arange(len(masks)), masks
+        for _ in range(self.rounds.count - 1):
+            moving = [j for j, k in enumerate(active) if boundary_shift(probs[k], before[j]) >= self.rounds.min_shift]
+            if not moving:
+                break
+            active = active[moving]
+            before = probs[active]  # a copy: the input of this round, and what its shift is measured from
+            crops = images if images.shape[0] == 1 else images[torch.as_tensor(active, device=images.device)]
+            probs[active] = self._run(crops, before, last_stage, max_side, min_side)
+        return probs
+
     def _run(self, images, masks, scales, max_side, min_side=None):
         run = self._refine_fast if self.mode == "fast" else self._refine_stack
         return run(images, masks, scales, max_side, min_side)

@@ -1,7 +1,9 @@
-"""Where and at which resolutions a mask is refined: the multi-scale schedule and ROI crops (the paper's CRM*)."""
+"""Where and at which resolutions a mask is refined: the multi-scale schedule, further rounds for masks that are
+still moving, and ROI crops (the paper's CRM*)."""
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)  # the release's schedule (and the authors' checkpoint's)
@@ -36,6 +38,68 @@ def stage_scales(scales, padded_shape, max_side=None, base=AUTO_BASE, min_side=N
         if not out or abs(out[-1] - s) > 1e-9:
             out.append(s)
     return tuple(out)
+
+
+def boundary_shift(prob, coarse):
+    """How far refinement moved a mask, in pixels on average: pixels on the other side of 0.5 than in the coarse
+    mask, over the coarse mask's boundary length."""
+    c = (coarse > 0.5).astype(np.uint8)
+    length = np.count_nonzero(c != cv2.erode(c, None))
+    return np.count_nonzero((prob > 0.5) != c.astype(bool)) / max(1, length)
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """Refine again what is still moving. Round 1 is the schedule; each further round runs the schedule's last
+    stage once more on the masks that the round before moved by at least `min_shift` px on average
+    (`boundary_shift`), with that round's probability as the input mask, up to `count` rounds in all.
+
+    Why: a model with a mask skip trusts its input mask; a mask far off (16x coarse, a polygon) is only partly
+    corrected in one pass, and its soft output, fed back, lets the decoder finish the job. Good masks are
+    barely moved by round 1 and stop there, so they are not drifted by repeated passes (docs/demo_model.md,
+    "Rounds")."""
+
+    count: int = 1
+    min_shift: float = 0.0
+
+    def __post_init__(self):
+        if int(self.count) != self.count or self.count < 1:
+            raise ValueError(f"rounds must be a whole number >= 1, got {self.count}")
+        if not self.min_shift >= 0:
+            raise ValueError(f"rounds min_shift must be >= 0, got {self.min_shift}")
+
+    @classmethod
+    def parse(cls, value):
+        """What the Python API, the CLI and the Detectron2 config may say, in one place: None or "" (nothing
+        said: the checkpoint's own) -> None; an int count, "COUNT[:MIN_SHIFT]", a dict or a Rounds -> Rounds."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            value = value.strip()
+            if value == "":
+                return None
+            parts = value.split(":")
+            try:
+                if len(parts) > 2:
+                    raise ValueError("too many fields")
+                return cls(int(parts[0]), *(float(x) for x in parts[1:]))
+            except ValueError as e:
+                raise ValueError(f"rounds must be COUNT[:MIN_SHIFT] (e.g. 3:0.3), got {value!r}: {e}") from None
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return cls(int(value))
+        if isinstance(value, dict):
+            unknown = set(value) - {"count", "min_shift"}
+            if unknown:
+                raise ValueError(f"unknown rounds keys {sorted(unknown)}; use count, min_shift")
+            return cls(**value)
+        raise ValueError(f"rounds must be a count, 'COUNT[:MIN_SHIFT]', a dict or a Rounds, got {value!r}")
+
+    def __str__(self):
+        """The one written form (run records, reports): COUNT or COUNT:MIN_SHIFT."""
+        return f"{self.count}" + (f":{self.min_shift:g}" if self.min_shift and self.count > 1 else "")
+
+    def to_dict(self):
+        return {"count": self.count, "min_shift": self.min_shift}
 
 
 @dataclass

@@ -384,6 +384,17 @@ def test_edge_snap_key_means_what_the_refiner_option_means(crm_weights):
         build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.EDGE_SNAP", "wide"]))
 
 
+def test_rounds_key_means_what_the_refiner_option_means(crm_weights):
+    from crm_d2.schedule import Rounds
+
+    base = TINY + ["MODEL.CRM.WEIGHTS", crm_weights]
+    assert build_model(_cfg("MaskRCNN-R50-CRM.yaml", base)).crm_refiner.rounds == Rounds(1)  # "": the file's own
+    model = build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.ROUNDS", "3:0.3"]))
+    assert model.crm_refiner.rounds == Rounds(3, 0.3)
+    with pytest.raises(ValueError, match="rounds"):
+        build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.ROUNDS", "many"]))
+
+
 def _train_net(args, out, data, timeout=600):
     cmd = [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
            str(CONFIGS / "PanopticFPN-R50-CRM.yaml"), "--eval-only", *args, "OUTPUT_DIR", str(out)]

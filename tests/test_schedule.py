@@ -142,13 +142,15 @@ def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp
     weights = _skip_checkpoint(tmp_path, {"scales": "auto"})
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_skip.py"), "--weights", str(weights),
                           "--output", str(tmp_path / "cal.pth"), "--data", str(tmp_path / "data"), "--every", "1",
-                          "--multipliers", "0", "1", "--recipes", "8x", "--threads", "1",
+                          "--multipliers", "0", "1", "--rounds", "1", "2", "--recipes", "8x", "--threads", "1",
                           "--json", str(tmp_path / "cal.json")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "cal.json").read_text())
-    assert [row["multiplier"] for row in res["table"]] == [0.0, 1.0] and res["best"]["multiplier"] == 1.0
-    assert res["table"][1]["mean_mba_gain"] == pytest.approx(0.0, abs=1e-9)  # output == coarse
-    assert res["table"][0]["mean_mba_gain"] < 0
+    assert [(row["multiplier"], row["rounds"]["count"]) for row in res["table"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert res["best"]["multiplier"] == 1.0 and res["best"]["rounds"]["count"] == 1  # the first of equals
+    for row in res["table"]:  # x1 gives back the coarse mask in every round; x0 gives p = 0.5 in every round
+        assert (row["mean_mba_gain"] == pytest.approx(0.0, abs=1e-9)) == (row["multiplier"] == 1.0), row
     cal = Refiner(str(tmp_path / "cal.pth"), device="cpu")
     assert float(cal.model.mask_gain) == pytest.approx(2.5)
     assert cal.model.meta["mask_gain_calibration"]["multiplier"] == 1.0 and cal.scales == "auto"
+    assert "rounds" not in cal.model.meta and str(cal.rounds) == "1"  # one round needs no entry

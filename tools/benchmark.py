@@ -78,7 +78,8 @@ def run_one(args):
     refiner = Refiner(weights=None if random else args.weights, allow_random=random,
                       config=args.weights[len("random-"):] if random else None, device=args.device,
                       mode="fast" if args.mode == "fast" else "exact", memory_budget=args.budget_mb << 20,
-                      scales=args.scales, amp=args.mode == "amp", edge_snap=args.edge_snap)
+                      scales=args.scales, amp=args.mode == "amp", edge_snap=args.edge_snap,
+                      rounds=args.rounds)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     layer4 = make_layer4(refiner.model).to(refiner.device) if args.mode == "reference" else None
@@ -112,6 +113,7 @@ def run_one(args):
            "mpix_per_s": H * W / 1e6 / statistics.median(times),
            "stages": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
            "edge_snap": snap_text(refiner.edge_snap), "edge_snap_s": round(snap_s, 3),
+           "rounds": str(refiner.rounds),
            "threads": torch.get_num_threads(), "budget_mb": args.budget_mb}
     if cuda:
         res["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
@@ -170,7 +172,7 @@ def markdown(results):
 
 
 def main():
-    from crm_d2.commands.common import add_scales_argument, edge_snap_argument
+    from crm_d2.commands.common import add_scales_argument, edge_snap_argument, rounds_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), type=size_arg, help="1k 2k 4k 6k or WIDTHxHEIGHT")
@@ -188,6 +190,8 @@ def main():
     p.add_argument("--budget-mb", type=int, default=512)
     p.add_argument("--edge-snap", default=None, type=edge_snap_argument,
                    help="Refiner's edge_snap (RADIUS:PASSES:EPS or off; default: the model's own)")
+    p.add_argument("--rounds", default=None, type=rounds_argument,
+                   help="Refiner's rounds (COUNT[:MIN_SHIFT]; default: the model's own)")
     add_scales_argument(p)
     p.add_argument("--photos", help="folder with images/ and masks/ (same stems): upscaled real photos as inputs")
     p.add_argument("--photo-count", type=int, default=3, help="photos taken evenly from --photos")
@@ -224,6 +228,8 @@ def main():
                     extra += ["--warmup", str(args.warmup)]
                     if args.edge_snap:
                         extra += ["--edge-snap", args.edge_snap]
+                    if args.rounds:
+                        extra += ["--rounds", args.rounds]
                     if args.gpu_memory_gb:
                         extra += ["--gpu-memory-gb", str(args.gpu_memory_gb)]
                     r = child(cfg, extra)

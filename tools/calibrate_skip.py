@@ -1,25 +1,27 @@
 #!/usr/bin/env python
-"""Calibrate a trained model on a development split: the mask skip's gain and the edge snap, written into the model.
+"""Calibrate a trained model on a development split: the mask skip's gain, the rounds and the edge snap, written
+into the model.
 
 A model with `mask_skip` adds `mask_gain * mask` to its output logit: the gain says how far it trusts the coarse
 mask. Training learns it on the training recipe's masks, many of them poor (polygons, 16x); users mostly feed
 better ones, and on those a model that trusts the mask too little moves good boundaries. The edge snap
 (`crm_d2.guided`) then pulls the refined boundary onto the photo's colour edges. The two trade against each
-other: a lower gain or a stronger snap helps coarse masks and costs good ones. This tool refines the
-development photos under each coarse recipe once per gain multiplier (`--multipliers`), applies each candidate
-snap (`--snaps`) to those probabilities, and keeps the pair with the highest mean mBA gain over the recipes
-(refined minus coarse) among the pairs that lose no more than `--floor` allows (e.g. `4x=-0.5`: at most 0.5
-mBA below good 4x masks); IoU is reported beside.
+other: a lower gain or a stronger snap helps coarse masks and costs good ones; further rounds
+(`crm_d2.schedule.Rounds`) carry on refining the masks that are still moving. This tool refines the development
+photos under each coarse recipe once per gain multiplier (`--multipliers`) and rounds setting (`--rounds`),
+applies each candidate snap (`--snaps`) to those probabilities, and keeps the setting with the highest mean mBA
+gain over the recipes (refined minus coarse) among those that lose no more than `--floor` allows (e.g.
+`4x=-0.5`: at most 0.5 mBA below good 4x masks); IoU is reported beside.
 
 The development photos are the held-out photos that tools/heldout_eval.py does *not* judge (its 84 photos are
 every 3rd held-out item; these are the others, `--every` thins them), so the calibration never sees the photos
 the model is judged on, and training never saw either.
 
     python tools/calibrate_skip.py --weights runs/crm_demo_ft/model_final.pth --output calibrated.pth
-    python tools/calibrate_skip.py --weights W --output W2 --multipliers 2 2.5 3 --snaps off 1:1:0.01 \\
-        1:2:0.003 --floor 4x=-0.5 --half
+    python tools/calibrate_skip.py --weights W --output W2 --multipliers 2 2.5 3 --rounds 1 3:0.3 \\
+        --snaps off 1:1:0.01 1:2:0.003:0.3 --floor 4x=-0.5 --half
 
-A snap is RADIUS:PASSES:EPS[:MIN_SHIFT] (crm_d2.guided.EdgeSnap) or "off".
+A snap is RADIUS:PASSES:EPS[:MIN_SHIFT] (crm_d2.guided.EdgeSnap) or "off"; rounds are COUNT[:MIN_SHIFT].
 """
 import argparse
 import json
@@ -35,10 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout_eval import coarse_mask, dev_items, load_photos  # noqa: E402
 
 from crm_d2.checkpoint import save_checkpoint  # noqa: E402
-from crm_d2.commands.common import edge_snap_argument  # noqa: E402
+from crm_d2.commands.common import edge_snap_argument, rounds_argument  # noqa: E402
 from crm_d2.guided import EdgeSnap, snap_probs, snap_text  # noqa: E402
 from crm_d2.metrics import RefinementMetrics  # noqa: E402
 from crm_d2.refiner import Refiner  # noqa: E402
+from crm_d2.schedule import Rounds  # noqa: E402
 
 
 def parse_floor(text):
@@ -69,6 +72,8 @@ def main(argv=None):
     p.add_argument("--multipliers", nargs="+", type=float, default=[1.0, 1.25, 1.5, 1.75, 2.0])
     p.add_argument("--snaps", nargs="+", type=edge_snap_argument, default=["off"],
                    help="edge snaps to try: RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] or off (default: off only)")
+    p.add_argument("--rounds", nargs="+", type=rounds_argument, default=["1"],
+                   help="rounds to try: COUNT[:MIN_SHIFT] (default: 1 only)")
     p.add_argument("--floor", nargs="*", type=parse_floor, default=[],
                    help="RECIPE=DMBA: keep only pairs whose mBA gain on RECIPE is at least DMBA")
     p.add_argument("--recipes", nargs="+", default=["4x", "8x", "16x"])
@@ -84,7 +89,7 @@ def main(argv=None):
         raise SystemExit(f"--floor names recipes that are not in --recipes: {sorted(unknown)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    refiner = Refiner(args.weights, device="cpu", edge_snap="off")
+    refiner = Refiner(args.weights, device="cpu", edge_snap="off", rounds=1)
     model = refiner.model
     if not model.cfg.mask_skip:
         raise SystemExit(f"{args.weights}: this model has no mask skip; nothing to calibrate")
@@ -94,9 +99,10 @@ def main(argv=None):
     photos = list(load_photos(dev_items(args.data, args.every)))
     print(f"{len(photos)} development photos, learned gain {learned:.3f}", file=sys.stderr)
     table = []
-    for mult in tqdm(args.multipliers, desc="gains"):
+    for mult, rounds in tqdm([(m, r) for m in args.multipliers for r in args.rounds], desc="gains x rounds"):
         with torch.no_grad():
             model.mask_gain.fill_(learned * mult)
+        refiner.rounds = Rounds.parse(rounds)
         refined = []
         for k, (name, image, gts) in enumerate(photos):
             per_recipe = {}
@@ -108,30 +114,36 @@ def main(argv=None):
             res = score(photos, refined, args.recipes, snap)
             gains = {r: res[r]["mba"] - res[r]["coarse_mba"] for r in args.recipes}
             ok = all(gains[r] >= f for r, f in floors.items())
-            table.append({"multiplier": mult, "gain": learned * mult, "snap": snap.to_dict() if snap else None,
+            table.append({"multiplier": mult, "gain": learned * mult, "rounds": refiner.rounds.to_dict(),
+                          "snap": snap.to_dict() if snap else None,
                           "mean_mba_gain": float(np.mean(list(gains.values()))), "within_floor": ok,
                           "recipes": res})
             cells = "  ".join(f"{r} {res[r]['iou']:.2f}/{res[r]['mba']:.2f} ({gains[r]:+.2f})" for r in args.recipes)
-            print(f"x{mult:<5} snap {snap_text(snap):<10} mean mBA gain {table[-1]['mean_mba_gain']:+.2f}"
+            print(f"x{mult:<5} rounds {rounds:<6} snap {snap_text(snap):<10} "
+                  f"mean mBA gain {table[-1]['mean_mba_gain']:+.2f}"
                   f"{'' if ok else ' (below floor)'}  {cells}", flush=True)
     eligible = [row for row in table if row["within_floor"]]
     if not eligible:
-        raise SystemExit("no gain and snap keeps within --floor " + " ".join(f"{r}={v:g}" for r, v in floors.items()))
+        raise SystemExit("no gain, rounds and snap keep within --floor "
+                         + " ".join(f"{r}={v:g}" for r, v in floors.items()))
     best = max(eligible, key=lambda row: row["mean_mba_gain"])
     with torch.no_grad():
         model.mask_gain.fill_(best["gain"])
     meta = dict(getattr(model, "meta", {}))
     meta.pop("edge_snap", None)
+    meta.pop("rounds", None)
     if best["snap"]:
         meta["edge_snap"] = best["snap"]
+    if best["rounds"]["count"] > 1:
+        meta["rounds"] = best["rounds"]
     meta["mask_gain_calibration"] = {
-        "learned": learned, "multiplier": best["multiplier"], "edge_snap": best["snap"],
+        "learned": learned, "multiplier": best["multiplier"], "edge_snap": best["snap"], "rounds": best["rounds"],
         "criterion": "mean mBA gain over " + "/".join(args.recipes)
         + "".join(f", {r} at least {v:+g}" for r, v in floors.items()),
         "dev_photos": len(photos), "source": str(args.weights)}
     save_checkpoint(args.output, model, model.cfg, meta=meta, half=args.half)
-    print(f"wrote {args.output}: gain {learned:.3f} x {best['multiplier']} = {best['gain']:.3f}, edge snap "
-          f"{snap_text(EdgeSnap.parse(best['snap']))}")
+    print(f"wrote {args.output}: gain {learned:.3f} x {best['multiplier']} = {best['gain']:.3f}, rounds "
+          f"{Rounds.parse(best['rounds'])}, edge snap {snap_text(EdgeSnap.parse(best['snap']))}")
     if args.json:
         Path(args.json).write_text(json.dumps({"learned": learned, "table": table, "best": best}, indent=1))
     return 0

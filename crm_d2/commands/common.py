@@ -28,6 +28,12 @@ def add_model_arguments(parser, weights_default="demo"):
                              "and the authors' file have none). 1:1:0.01 helps masks from an 8-16x lower-resolution "
                              "segmenter and costs good ones; 1:2:0.003:0.3 snaps only masks that refinement moved "
                              "(docs/demo_model.md, 'Edge snap')")
+    parser.add_argument("--rounds", default=None, metavar="COUNT[:MIN_SHIFT]", type=rounds_argument,
+                        help="refine again, from its own output, each mask that the last round moved by at least "
+                             "MIN_SHIFT px on average, up to COUNT rounds (default: the model's own; 1 for a model "
+                             "that says none). 3:0.3 helps single-object 16x-coarse and polygon masks, leaves good "
+                             "ones as one round gives them, and costs touching part regions (docs/demo_model.md, "
+                             "'Rounds')")
 
 
 def edge_snap_argument(text):
@@ -39,6 +45,17 @@ def edge_snap_argument(text):
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return None if snap is None else snap_text(snap)
+
+
+def rounds_argument(text):
+    """Checked when parsed, and written in one form (COUNT or COUNT:MIN_SHIFT), so run records compare equal."""
+    from ..schedule import Rounds
+
+    try:
+        rounds = Rounds.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return None if rounds is None else str(rounds)
 
 
 class ScalesAction(argparse.Action):
@@ -67,7 +84,7 @@ def build_refiner(args, device=None):
     device = args.device if device is None else str(device)
     return Refiner(weights=args.weights, device=device, scales=getattr(args, "scales", None),
                    memory_budget=args.memory_budget_mb << 20, mode="fast" if getattr(args, "fast", False) else "exact",
-                   edge_snap=getattr(args, "edge_snap", None))
+                   edge_snap=getattr(args, "edge_snap", None), rounds=getattr(args, "rounds", None))
 
 
 def _changes(old, new, prefix=""):

@@ -53,6 +53,9 @@ def add_crm_config(cfg):
     # Guided filter of each refined probability with the photo (crm_d2.guided): "RADIUS:PASSES:EPS" or "off";
     # "" = the checkpoint's own, as Refiner() and `crm-d2 panoptic --edge-snap` use when given none.
     cfg.MODEL.CRM.EDGE_SNAP = ""
+    # Refine again each segment that the last round still moved (crm_d2.schedule.Rounds): "COUNT:MIN_SHIFT";
+    # "" = the checkpoint's own, as Refiner() and `crm-d2 panoptic --rounds` use when given none.
+    cfg.MODEL.CRM.ROUNDS = ""
     # Context around each segment's box, as a fraction of the box size.
     cfg.MODEL.CRM.ROI_MARGIN = float(core.margin)
     # Long side cap of the encoder input per segment ROI (0 = no cap); decoding stays at full resolution.

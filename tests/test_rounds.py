@@ -1,0 +1,128 @@
+"""Rounds (crm_d2.schedule.Rounds): refining again the masks that are still moving, and how the Refiner, the CLI
+and a checkpoint choose it."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from crm_d2.checkpoint import load_model, save_checkpoint
+from crm_d2.cli import main
+from crm_d2.refiner import Refiner
+from crm_d2.schedule import Rounds, boundary_shift, roi_box
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_rounds_values_mean_the_same_everywhere():
+    assert Rounds.parse(None) is None and Rounds.parse("") is None  # nothing said: the checkpoint's own
+    assert Rounds.parse(1) == Rounds.parse("1") == Rounds() == Rounds(1, 0.0)
+    assert Rounds.parse("3:0.3") == Rounds(3, 0.3) == Rounds.parse({"count": 3, "min_shift": 0.3})
+    assert Rounds.parse(str(Rounds(3, 0.3))) == Rounds(3, 0.3) and str(Rounds(3, 0.3)) == "3:0.3"
+    assert str(Rounds(2)) == "2" and str(Rounds(1, 0.3)) == "1"  # one round has no gate to write
+    assert Rounds.parse(Rounds(2).to_dict()) == Rounds(2)
+    for bad in ("x", "0", "3:0.3:1", "2:-1", 0, True, 1.5, {"rounds": 2}, "1.5"):
+        with pytest.raises(ValueError, match="rounds"):
+            Rounds.parse(bad)
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    """The shipped model (a random one's output hardly depends on its input mask), saved with rounds of its own."""
+    model = load_model("demo", "cpu")
+    path = tmp_path / "rounds.pth"
+    save_checkpoint(path, model, model.cfg, meta={"scales": [0.5, 1.0], "rounds": {"count": 3, "min_shift": 0}})
+    return path
+
+
+def two_masks(coarse):
+    """The scene's disc, and a square elsewhere: two masks that round 1 moves by different amounts."""
+    square = np.zeros(coarse.shape, bool)
+    square[10:40, 70:110] = True
+    return np.stack([coarse, square]).astype(np.float32)
+
+
+def test_each_round_refines_the_last_rounds_output_at_the_last_stage(model_path, scene):
+    img, gt, coarse = scene
+    one = Refiner(str(model_path), device="cpu", rounds=1)
+    masks = two_masks(coarse)
+    p1 = one.refine_batch(img, masks)
+    p2 = one.refine_batch(img, p1, scales=[1.0])  # round 2: the schedule's last stage, from round 1's output
+    p3 = one.refine_batch(img, p2, scales=[1.0])
+    assert np.abs(p2 - p1).max() > 0.05 and np.abs(p3 - p2).max() > 0.01  # every round does something here
+    np.testing.assert_allclose(Refiner(str(model_path), device="cpu", rounds=2).refine_batch(img, masks), p2,
+                               atol=1e-5)
+    np.testing.assert_allclose(Refiner(str(model_path), device="cpu").refine_batch(img, masks), p3, atol=1e-5)
+    # fast mode runs the same rounds (its own engine for each)
+    fast1 = Refiner(str(model_path), device="cpu", rounds=1, mode="fast")
+    want = fast1.refine_batch(img, fast1.refine_batch(img, masks), scales=[1.0])
+    np.testing.assert_allclose(Refiner(str(model_path), device="cpu", rounds=2, mode="fast").refine_batch(img, masks),
+                               want, atol=1e-5)
+
+
+def test_min_shift_stops_each_mask_once_it_has_settled(model_path, scene):
+    img, gt, coarse = scene
+    one = Refiner(str(model_path), device="cpu", rounds=1)
+    masks = two_masks(coarse)
+    p1 = one.refine_batch(img, masks)
+    p2 = one.refine_batch(img, p1, scales=[1.0])
+    shifts = [boundary_shift(p, m) for p, m in zip(p1, masks)]
+    assert abs(shifts[0] - shifts[1]) > 0.05, shifts
+    gate = float(np.mean(shifts))
+    moved = int(np.argmax(shifts))
+    gated = Refiner(str(model_path), device="cpu", rounds=Rounds(2, gate)).refine_batch(img, masks)
+    np.testing.assert_allclose(gated[moved], p2[moved], atol=1e-5)  # still moving: refined again
+    np.testing.assert_allclose(gated[1 - moved], p1[1 - moved], atol=1e-5)  # settled: round 1 kept
+    # a gate no mask reaches is one round; round 3 is measured from round 2, not from the coarse mask
+    np.testing.assert_allclose(Refiner(str(model_path), device="cpu", rounds=Rounds(3, 1e9)).refine_batch(img, masks),
+                               p1, atol=1e-5)
+    p3 = one.refine_batch(img, p2, scales=[1.0])
+    second = [boundary_shift(b, a) for a, b in zip(p1, p2)]
+    gate3 = min(shifts) / 2
+    want = np.stack([p3[k] if second[k] >= gate3 else p2[k] for k in range(2)])
+    np.testing.assert_allclose(Refiner(str(model_path), device="cpu", rounds=Rounds(3, gate3)).refine_batch(img, masks),
+                               want, atol=1e-5)
+
+
+def test_roi_rounds_stay_in_the_crop(model_path, scene):
+    img, gt, coarse = scene
+    m = coarse.astype(np.float32)
+    once = Refiner(str(model_path), device="cpu", rounds=1).refine(img, m, roi=True, margin=0.1)
+    twice = Refiner(str(model_path), device="cpu", rounds=2).refine(img, m, roi=True, margin=0.1)
+    box = roi_box(m, 0.1)
+    outside = np.ones(m.shape, bool)
+    outside[box.slices] = False
+    assert outside.any()
+    np.testing.assert_array_equal(twice[outside], m[outside])
+    assert np.abs(twice - once).max() > 0.05
+
+
+def test_refiner_takes_the_checkpoints_rounds_unless_told_otherwise(model_path):
+    assert Refiner(str(model_path), device="cpu").rounds == Rounds(3, 0.0)
+    assert Refiner(str(model_path), device="cpu", rounds="2:0.5").rounds == Rounds(2, 0.5)
+    assert Refiner(str(model_path), device="cpu", rounds=1).rounds == Rounds(1)
+    # a file that says none (the authors' checkpoint) runs its schedule once
+    assert Refiner(None, allow_random=True, config="tiny", device="cpu").rounds == Rounds(1)
+
+
+def test_cli_rounds_is_an_output_setting(tmp_path, model_path, scene, capsys):
+    img, gt, coarse = scene
+    d = tmp_path / "big"
+    d.mkdir()
+    cv2.imwrite(str(d / "a_im.jpg"), img[..., ::-1])
+    cv2.imwrite(str(d / "a_seg.png"), coarse.astype(np.uint8) * 255)
+    out = tmp_path / "out"
+    args = ["refine", "--weights", str(model_path), "--device", "cpu", "--big-dir", str(d), "-o", str(out)]
+    assert main(args + ["--rounds", "1"]) == 0
+    assert json.loads((out / "run.json").read_text())["rounds"] == "1"
+    one = cv2.imread(str(out / "a.png"), cv2.IMREAD_UNCHANGED)
+    assert one is not None
+    capsys.readouterr()
+    assert main(args) == 1  # the model's own 3 rounds would mix with the finished 1-round outputs
+    assert "rounds '1' -> None" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused when parsed, before anything runs
+        main(args + ["--rounds", "2:x"])
+    assert "COUNT[:MIN_SHIFT]" in capsys.readouterr().err
+    assert main(args + ["--rounds", "3:0", "--overwrite"]) == 0
+    assert json.loads((out / "run.json").read_text())["rounds"] == "3"  # one written form
+    assert not np.array_equal(cv2.imread(str(out / "a.png"), cv2.IMREAD_UNCHANGED), one)
