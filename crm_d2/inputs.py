@@ -44,6 +44,10 @@ def to_rgb_array(image, bgr=False):
     return np.ascontiguousarray(image)
 
 
+# A resized or blurred soft mask overshoots [0, 1] by float rounding (cv2.resize gives 1.0000001): clipped, not refused.
+FLOAT_MASK_SLACK = 1e-3
+
+
 def to_mask_array(mask, shape=None):
     """Validate one mask and return it as HxW float32 in [0, 1]."""
     mask = _as_numpy(mask, "mask")
@@ -66,9 +70,10 @@ def to_mask_array(mask, shape=None):
     mask = mask.astype(np.float32)
     if not np.isfinite(mask).all():
         raise ValueError("mask contains NaN or infinite values")
-    if mask.min() < 0 or mask.max() > 1:
-        raise ValueError(f"float mask values must lie in [0, 1], got [{mask.min():.4g}, {mask.max():.4g}]")
-    return mask
+    lo, hi = float(mask.min()), float(mask.max())
+    if lo < -FLOAT_MASK_SLACK or hi > 1 + FLOAT_MASK_SLACK:
+        raise ValueError(f"float mask values must lie in [0, 1], got [{lo:.6g}, {hi:.6g}]")
+    return np.clip(mask, 0, 1) if lo < 0 or hi > 1 else mask
 
 
 def to_mask_stack(masks, shape):

@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -141,6 +142,16 @@ def test_empty_and_full_masks(refiner, scene):
 def test_bad_input_messages(refiner, image, mask, message):
     with pytest.raises(ValueError, match=message):
         refiner.refine(image, mask)
+
+
+def test_float_rounding_past_0_and_1_is_clipped_not_refused(refiner, scene):
+    img, _, coarse = scene
+    soft = cv2.GaussianBlur(coarse.astype(np.float32), (5, 5), 0)
+    over = soft * (1 + 1e-6) - 1e-7  # what resizing a soft mask gives: 1.000001 and -1e-7
+    assert over.max() > 1 and over.min() < 0
+    np.testing.assert_array_equal(refiner.refine(img, over), refiner.refine(img, np.clip(over, 0, 1)))
+    with pytest.raises(ValueError, match=r"got \[-0.1, 1\]"):  # real values out of range are named exactly
+        refiner.refine(img, np.where(coarse, 1.0, -0.1))
 
 
 def test_bad_arguments(refiner, scene):
