@@ -114,3 +114,23 @@ def scene():
 
     coarse = cv2.resize(small, (W, H), interpolation=cv2.INTER_NEAREST).astype(bool)
     return img, gt, coarse
+
+
+@pytest.fixture
+def make_big_dir(tmp_path, scene):
+    """BIG-layout triplets of `scene` in tmp_path/big: NAME_im.jpg, NAME_gt.png, NAME_seg.png, the object shifted
+    right by `shifts[NAME]` px."""
+
+    def make(shifts=None):
+        import cv2
+
+        img, gt, coarse = scene
+        d = tmp_path / "big"
+        d.mkdir(exist_ok=True)
+        for name, shift in (shifts or {"a": 0}).items():
+            cv2.imwrite(str(d / f"{name}_im.jpg"), np.roll(img, shift, 1)[..., ::-1])
+            cv2.imwrite(str(d / f"{name}_gt.png"), np.roll(gt, shift, 1).astype(np.uint8) * 255)
+            cv2.imwrite(str(d / f"{name}_seg.png"), np.roll(coarse, shift, 1).astype(np.uint8) * 255)
+        return d
+
+    return make

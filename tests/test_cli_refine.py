@@ -14,16 +14,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def big_dir(tmp_path, scene):
+def big_dir(make_big_dir):
     """Two BIG-layout triplets (one with a shifted object)."""
-    img, gt, coarse = scene
-    d = tmp_path / "big"
-    d.mkdir()
-    for name, shift in (("a", 0), ("b", 9)):
-        cv2.imwrite(str(d / f"{name}_im.jpg"), np.roll(img, shift, 1)[..., ::-1])
-        cv2.imwrite(str(d / f"{name}_gt.png"), np.roll(gt, shift, 1).astype(np.uint8) * 255)
-        cv2.imwrite(str(d / f"{name}_seg.png"), np.roll(coarse, shift, 1).astype(np.uint8) * 255)
-    return d
+    return make_big_dir({"a": 0, "b": 9})
 
 
 @pytest.fixture

@@ -130,15 +130,9 @@ def test_instances_two_processes_equal_one_and_refusal(dataset, tmp_path):
 
 
 @pytest.fixture
-def big_dir(tmp_path, scene):
+def big_dir(make_big_dir):
     """Three BIG-layout triplets (the object shifted)."""
-    img, gt, coarse = scene
-    d = tmp_path / "big"
-    d.mkdir()
-    for name, shift in (("a", 0), ("b", 9), ("c", -7)):
-        cv2.imwrite(str(d / f"{name}_im.jpg"), np.roll(img, shift, 1)[..., ::-1])
-        cv2.imwrite(str(d / f"{name}_seg.png"), np.roll(coarse, shift, 1).astype(np.uint8) * 255)
-    return d
+    return make_big_dir({"a": 0, "b": 9, "c": -7})
 
 
 def test_refine_big_dir_two_processes_equal_one(big_dir, tmp_path):

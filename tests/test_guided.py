@@ -179,12 +179,8 @@ def test_refiner_takes_the_checkpoints_snap_unless_told_otherwise(snap_checkpoin
     assert Refiner(None, allow_random=True, config="tiny", device="cpu").edge_snap is False
 
 
-def test_cli_edge_snap_is_an_output_setting(tmp_path, snap_checkpoint, scene, capsys):
-    img, gt, coarse = scene
-    d = tmp_path / "big"
-    d.mkdir()
-    cv2.imwrite(str(d / "a_im.jpg"), img[..., ::-1])
-    cv2.imwrite(str(d / "a_seg.png"), coarse.astype(np.uint8) * 255)
+def test_cli_edge_snap_is_an_output_setting(tmp_path, snap_checkpoint, make_big_dir, capsys):
+    d = make_big_dir()
     out = tmp_path / "out"
     args = ["refine", "--weights", str(snap_checkpoint), "--device", "cpu", "--big-dir", str(d), "-o", str(out)]
     assert main(args + ["--edge-snap", "off"]) == 0

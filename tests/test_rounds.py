@@ -105,12 +105,8 @@ def test_refiner_takes_the_checkpoints_rounds_unless_told_otherwise(model_path):
     assert Refiner(None, allow_random=True, config="tiny", device="cpu").rounds == Rounds(1)
 
 
-def test_cli_rounds_is_an_output_setting(tmp_path, model_path, scene, capsys):
-    img, gt, coarse = scene
-    d = tmp_path / "big"
-    d.mkdir()
-    cv2.imwrite(str(d / "a_im.jpg"), img[..., ::-1])
-    cv2.imwrite(str(d / "a_seg.png"), coarse.astype(np.uint8) * 255)
+def test_cli_rounds_is_an_output_setting(tmp_path, model_path, make_big_dir, capsys):
+    d = make_big_dir()
     out = tmp_path / "out"
     args = ["refine", "--weights", str(model_path), "--device", "cpu", "--big-dir", str(d), "-o", str(out)]
     assert main(args + ["--rounds", "1"]) == 0

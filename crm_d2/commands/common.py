@@ -36,14 +36,19 @@ def add_model_arguments(parser, weights_default="demo"):
                              "'Rounds')")
 
 
+def _checked(parse, text):
+    """An option parsed when argparse reads it: a bad value is a usage error naming the accepted form."""
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def edge_snap_argument(text):
     """Checked when parsed, and written in one form ("off" or R:P:EPS), so run records compare equal."""
     from ..guided import EdgeSnap, snap_text
 
-    try:
-        snap = EdgeSnap.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    snap = _checked(EdgeSnap.parse, text)
     return None if snap is None else snap_text(snap)
 
 
@@ -51,10 +56,7 @@ def rounds_argument(text):
     """Checked when parsed, and written in one form (COUNT or COUNT:MIN_SHIFT), so run records compare equal."""
     from ..schedule import Rounds
 
-    try:
-        rounds = Rounds.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    rounds = _checked(Rounds.parse, text)
     return None if rounds is None else str(rounds)
 
 
