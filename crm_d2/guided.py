@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from .inputs import option_from
 from .schedule import boundary_shift
 
 __all__ = ["EdgeSnap", "guided_filter", "snap_probs", "boundary_shift", "snap_text"]
@@ -57,14 +58,9 @@ class EdgeSnap:
                 return None
             if value == "off":
                 return False
-            parts = value.split(":")
-            try:
-                if len(parts) > 4:
-                    raise ValueError("too many fields")
-                return cls(*(int(parts[0]), *(int(x) for x in parts[1:2]), *(float(x) for x in parts[2:4])))
-            except ValueError as e:
-                raise ValueError(f"edge snap must be 'off' or RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] (e.g. 1:2:0.003:0.3), "
-                                 f"got {value!r}: {e}") from None
+        if isinstance(value, (str, dict)):
+            return option_from(cls, value, "edge snap",
+                               "'off' or RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] (e.g. 1:2:0.003:0.3)")
         if isinstance(value, bool):
             if value:
                 raise ValueError("edge snap True says no radius: give RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] "
@@ -72,11 +68,6 @@ class EdgeSnap:
             return False
         if isinstance(value, (int, np.integer)):
             return cls(radius=int(value)) if value else False
-        if isinstance(value, dict):
-            unknown = set(value) - {"radius", "passes", "eps", "min_shift"}
-            if unknown:
-                raise ValueError(f"unknown edge snap keys {sorted(unknown)}; use radius, passes, eps, min_shift")
-            return cls(**value)
         raise ValueError("edge snap must be a radius, 'off', 'RADIUS:PASSES:EPS[:MIN_SHIFT]', a dict or an EdgeSnap, "
                          f"got {value!r}")
 

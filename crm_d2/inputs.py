@@ -1,6 +1,8 @@
 """The release's input conventions (reflect padding, resize) and the checks every public entry point applies:
 one place that turns what users pass (RGB or BGR arrays, tensors, bool/uint8/float masks) into what the
 engine needs, with a one-line error naming the problem otherwise."""
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -92,3 +94,21 @@ def format_output(probs, output):
     if output == "uint8":
         return np.floor(probs * 255).astype(np.uint8)
     return probs
+
+
+def option_from(cls, value, what, form):
+    """An option dataclass from "A:B:..." text (its fields in order, each converted by its type; trailing ones
+    may be left out) or from a dict of its fields; errors name `what` and the accepted `form`."""
+    fields = dataclasses.fields(cls)
+    if isinstance(value, dict):
+        unknown = set(value) - {f.name for f in fields}
+        if unknown:
+            raise ValueError(f"unknown {what} keys {sorted(unknown)}; use {', '.join(f.name for f in fields)}")
+        return cls(**value)
+    parts = value.split(":")
+    try:
+        if len(parts) > len(fields):
+            raise ValueError("too many fields")
+        return cls(*(f.type(x) for f, x in zip(fields, parts)))
+    except ValueError as e:
+        raise ValueError(f"{what} must be {form}, got {value!r}: {e}") from None

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .inputs import option_from
+
 DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)  # the release's schedule (and the authors' checkpoint's)
 AUTO_BASE = 512  # "auto" schedule: the first stage's long side, about what a checkpoint was trained on
 ROI_MIN_STAGE_SIDE = 96  # ROI mode: schedule stages below this input long side (with the padding) are skipped
@@ -78,20 +80,10 @@ class Rounds:
             value = value.strip()
             if value == "":
                 return None
-            parts = value.split(":")
-            try:
-                if len(parts) > 2:
-                    raise ValueError("too many fields")
-                return cls(int(parts[0]), *(float(x) for x in parts[1:]))
-            except ValueError as e:
-                raise ValueError(f"rounds must be COUNT[:MIN_SHIFT] (e.g. 3:0.3), got {value!r}: {e}") from None
+        if isinstance(value, (str, dict)):
+            return option_from(cls, value, "rounds", "COUNT[:MIN_SHIFT] (e.g. 3:0.3)")
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
             return cls(int(value))
-        if isinstance(value, dict):
-            unknown = set(value) - {"count", "min_shift"}
-            if unknown:
-                raise ValueError(f"unknown rounds keys {sorted(unknown)}; use count, min_shift")
-            return cls(**value)
         raise ValueError(f"rounds must be a count, 'COUNT[:MIN_SHIFT]', a dict or a Rounds, got {value!r}")
 
     def __str__(self):
