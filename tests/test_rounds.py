@@ -1,6 +1,7 @@
 """Rounds (crm_d2.schedule.Rounds): refining again the masks that are still moving, and how the Refiner, the CLI
 and a checkpoint choose it."""
 import json
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -35,61 +36,56 @@ def model_path(tmp_path):
     return path
 
 
-def two_masks(coarse):
-    """The scene's disc, and a square elsewhere: two masks that round 1 moves by different amounts."""
+@pytest.fixture
+def by_hand(model_path, scene, device):
+    """Rounds done by hand with a one-round refiner (p[k]: after k rounds, p[0] the masks), each the schedule's
+    last stage run on the last output.
+    The masks are the scene's disc and a square elsewhere, which round 1 moves by different amounts."""
+    img, gt, coarse = scene
     square = np.zeros(coarse.shape, bool)
     square[10:40, 70:110] = True
-    return np.stack([coarse, square]).astype(np.float32)
+    masks = np.stack([coarse, square]).astype(np.float32)
+    one = Refiner(str(model_path), device=device, rounds=1)
+    p = [masks]
+    for _ in range(3):
+        p.append(one.refine_batch(img, p[-1], scales=None if len(p) == 1 else [1.0]))
+
+    def refine(**options):  # the same masks through Refiner's own rounds
+        return Refiner(str(model_path), device=device, **options).refine_batch(img, masks)
+
+    # the same computation run twice: float rounding on CPU; TF32 and kernel choice on CUDA
+    tol = 1e-5 if device == "cpu" else 1e-3
+    return SimpleNamespace(img=img, masks=masks, p=p, refine=refine, tol=tol)
 
 
-def tolerance(device):
-    """The same computation run twice: float rounding on CPU; TF32 and kernel choice on CUDA."""
-    return 1e-5 if device == "cpu" else 1e-3
-
-
-def test_each_round_refines_the_last_rounds_output_at_the_last_stage(model_path, scene, device):
-    img, gt, coarse = scene
-    tol, path = tolerance(device), str(model_path)
-    one = Refiner(path, device=device, rounds=1)
-    masks = two_masks(coarse)
-    p1 = one.refine_batch(img, masks)
-    p2 = one.refine_batch(img, p1, scales=[1.0])  # round 2: the schedule's last stage, from round 1's output
-    p3 = one.refine_batch(img, p2, scales=[1.0])
+def test_each_round_refines_the_last_rounds_output_at_the_last_stage(by_hand, model_path, device):
+    h = by_hand
+    _, p1, p2, p3 = h.p
     assert np.abs(p2 - p1).max() > 0.05 and np.abs(p3 - p2).max() > 0.01  # every round does something here
-    np.testing.assert_allclose(Refiner(path, device=device, rounds=2).refine_batch(img, masks), p2,
-                               atol=tol)
-    np.testing.assert_allclose(Refiner(path, device=device).refine_batch(img, masks), p3, atol=tol)
+    np.testing.assert_allclose(h.refine(rounds=2), p2, atol=h.tol)
+    np.testing.assert_allclose(h.refine(), p3, atol=h.tol)  # the checkpoint's own: 3 rounds
     # fast mode runs the same rounds (its own engine for each)
-    fast1 = Refiner(path, device=device, rounds=1, mode="fast")
-    want = fast1.refine_batch(img, fast1.refine_batch(img, masks), scales=[1.0])
-    np.testing.assert_allclose(Refiner(path, device=device, rounds=2, mode="fast").refine_batch(img, masks),
-                               want, atol=tol)
+    fast1 = Refiner(str(model_path), device=device, rounds=1, mode="fast")
+    want = fast1.refine_batch(h.img, fast1.refine_batch(h.img, h.masks), scales=[1.0])
+    np.testing.assert_allclose(h.refine(rounds=2, mode="fast"), want, atol=h.tol)
 
 
-def test_min_shift_stops_each_mask_once_it_has_settled(model_path, scene, device):
-    img, gt, coarse = scene
-    tol, path = tolerance(device), str(model_path)
-    one = Refiner(path, device=device, rounds=1)
-    masks = two_masks(coarse)
-    p1 = one.refine_batch(img, masks)
-    p2 = one.refine_batch(img, p1, scales=[1.0])
+def test_min_shift_stops_each_mask_once_it_has_settled(by_hand):
+    h = by_hand
+    masks, p1, p2, p3 = h.p
     shifts = [boundary_shift(p, m) for p, m in zip(p1, masks)]
     assert abs(shifts[0] - shifts[1]) > 0.05, shifts
-    gate = float(np.mean(shifts))
     moved = int(np.argmax(shifts))
-    gated = Refiner(path, device=device, rounds=Rounds(2, gate)).refine_batch(img, masks)
-    np.testing.assert_allclose(gated[moved], p2[moved], atol=tol)  # still moving: refined again
-    np.testing.assert_allclose(gated[1 - moved], p1[1 - moved], atol=tol)  # settled: round 1 kept
+    gated = h.refine(rounds=Rounds(2, float(np.mean(shifts))))
+    np.testing.assert_allclose(gated[moved], p2[moved], atol=h.tol)  # still moving: refined again
+    np.testing.assert_allclose(gated[1 - moved], p1[1 - moved], atol=h.tol)  # settled: round 1 kept
     # a gate no mask reaches is one round; round 3 is measured from round 2, not from the coarse mask
-    np.testing.assert_allclose(Refiner(path, device=device, rounds=Rounds(3, 1e9)).refine_batch(img, masks),
-                               p1, atol=tol)
-    p3 = one.refine_batch(img, p2, scales=[1.0])
+    np.testing.assert_allclose(h.refine(rounds=Rounds(3, 1e9)), p1, atol=h.tol)
     second = [boundary_shift(b, a) for a, b in zip(p1, p2)]
     gate3 = min(shifts) / 2
     assert min(second) < gate3  # some mask settles in round 2 that is still far from its coarse mask
     want = np.stack([p3[k] if second[k] >= gate3 else p2[k] for k in range(2)])
-    np.testing.assert_allclose(Refiner(path, device=device, rounds=Rounds(3, gate3)).refine_batch(img, masks),
-                               want, atol=tol)
+    np.testing.assert_allclose(h.refine(rounds=Rounds(3, gate3)), want, atol=h.tol)
 
 
 def test_roi_rounds_stay_in_the_crop(model_path, scene, device):
