@@ -134,3 +134,37 @@ def make_big_dir(tmp_path, scene):
         return d
 
     return make
+
+
+@pytest.fixture
+def check_output_setting(tmp_path, make_big_dir, capsys):
+    """What an option that changes `crm-d2 refine`'s outputs must do on a folder run (--edge-snap, --rounds):
+    be recorded in run.json, refuse a rerun that says otherwise (outputs of two settings never mix), refuse a
+    bad value when parsed with the accepted form named, and write one form however it is spelt. Returns the
+    BIG folder, the output folder and the first run's output for the caller's own checks."""
+
+    def check(weights, option, key, first, bad, form, second, written):
+        import json
+
+        import cv2
+
+        from crm_d2.cli import main
+
+        d, out = make_big_dir(), tmp_path / "out"
+        args = ["refine", "--weights", str(weights), "--device", "cpu", "--big-dir", str(d), "-o", str(out)]
+        assert main(args + [option, first]) == 0
+        assert json.loads((out / "run.json").read_text())[key] == first
+        before = cv2.imread(str(out / "a.png"), cv2.IMREAD_UNCHANGED)
+        assert before is not None
+        capsys.readouterr()
+        assert main(args) == 1  # the model's own setting would mix with the finished outputs
+        assert f"{key} '{first}' -> None" in capsys.readouterr().err
+        with pytest.raises(SystemExit):  # refused when parsed, before anything runs
+            main(args + [option, bad])
+        assert form in capsys.readouterr().err
+        assert main(args + [option, second, "--overwrite"]) == 0
+        assert json.loads((out / "run.json").read_text())[key] == written  # one written form
+        assert main(args + [option, written]) == 0
+        return d, out, before
+
+    return check

@@ -1,6 +1,5 @@
 """Edge snap (crm_d2.guided): the guided filter's arithmetic, what it does to a boundary, and how the Refiner and
 the CLI choose it."""
-import json
 
 import cv2
 import numpy as np
@@ -179,21 +178,9 @@ def test_refiner_takes_the_checkpoints_snap_unless_told_otherwise(snap_checkpoin
     assert Refiner(None, allow_random=True, config="tiny", device="cpu").edge_snap is False
 
 
-def test_cli_edge_snap_is_an_output_setting(tmp_path, snap_checkpoint, make_big_dir, capsys):
-    d = make_big_dir()
-    out = tmp_path / "out"
-    args = ["refine", "--weights", str(snap_checkpoint), "--device", "cpu", "--big-dir", str(d), "-o", str(out)]
-    assert main(args + ["--edge-snap", "off"]) == 0
-    assert json.loads((out / "run.json").read_text())["edge_snap"] == "off"
-    capsys.readouterr()
-    assert main(args) == 1
-    assert "edge_snap 'off' -> None" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # refused when parsed, before anything runs
-        main(args + ["--edge-snap", "1:x"])
-    assert "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]]" in capsys.readouterr().err
-    assert main(args + ["--edge-snap", "1:1", "--overwrite"]) == 0
-    assert json.loads((out / "run.json").read_text())["edge_snap"] == "1:1:0.01"  # one written form
-    assert main(args + ["--edge-snap", "1:1:0.01"]) == 0
+def test_cli_edge_snap_is_an_output_setting(tmp_path, snap_checkpoint, check_output_setting):
+    d, _, _ = check_output_setting(snap_checkpoint, "--edge-snap", "edge_snap", "off", "1:x",
+                                   "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]]", "1:1", "1:1:0.01")
     single = tmp_path / "one.png"
     assert main(["refine", "--weights", str(snap_checkpoint), "--device", "cpu", str(d / "a_im.jpg"),
                  str(d / "a_seg.png"), "-o", str(single), "--edge-snap", "off"]) == 0

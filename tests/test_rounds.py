@@ -1,6 +1,5 @@
 """Rounds (crm_d2.schedule.Rounds): refining again the masks that are still moving, and how the Refiner, the CLI
 and a checkpoint choose it."""
-import json
 from types import SimpleNamespace
 
 import cv2
@@ -8,7 +7,6 @@ import numpy as np
 import pytest
 
 from crm_d2.checkpoint import load_model, save_checkpoint
-from crm_d2.cli import main
 from crm_d2.refiner import Refiner
 from crm_d2.schedule import Rounds, boundary_shift, roi_box
 
@@ -109,20 +107,7 @@ def test_refiner_takes_the_checkpoints_rounds_unless_told_otherwise(model_path):
     assert Refiner(None, allow_random=True, config="tiny", device="cpu").rounds == Rounds(1)
 
 
-def test_cli_rounds_is_an_output_setting(tmp_path, model_path, make_big_dir, capsys):
-    d = make_big_dir()
-    out = tmp_path / "out"
-    args = ["refine", "--weights", str(model_path), "--device", "cpu", "--big-dir", str(d), "-o", str(out)]
-    assert main(args + ["--rounds", "1"]) == 0
-    assert json.loads((out / "run.json").read_text())["rounds"] == "1"
-    one = cv2.imread(str(out / "a.png"), cv2.IMREAD_UNCHANGED)
-    assert one is not None
-    capsys.readouterr()
-    assert main(args) == 1  # the model's own 3 rounds would mix with the finished 1-round outputs
-    assert "rounds '1' -> None" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # refused when parsed, before anything runs
-        main(args + ["--rounds", "2:x"])
-    assert "COUNT[:MIN_SHIFT]" in capsys.readouterr().err
-    assert main(args + ["--rounds", "3:0", "--overwrite"]) == 0
-    assert json.loads((out / "run.json").read_text())["rounds"] == "3"  # one written form
-    assert not np.array_equal(cv2.imread(str(out / "a.png"), cv2.IMREAD_UNCHANGED), one)
+def test_cli_rounds_is_an_output_setting(model_path, check_output_setting):
+    _, out, one_round = check_output_setting(model_path, "--rounds", "rounds", "1", "2:x", "COUNT[:MIN_SHIFT]",
+                                             "3:0", "3")
+    assert not np.array_equal(cv2.imread(str(out / "a.png"), cv2.IMREAD_UNCHANGED), one_round)
