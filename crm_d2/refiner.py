@@ -12,13 +12,14 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model
 from .fast import FastMode, FastOptions
+from .grabcut import GrabCut, grabcut_probs
 from .guided import EdgeSnap, snap_probs
 from .inputs import OUTPUTS, PAD, format_output, resize, to_mask_stack, to_rgb_array
 from .model import CRM, TRUNK_BYTES_PER_PX_PER_WIDTH, CRMConfig, make_coord, normalize_image
 from .schedule import (AUTO_BASE, DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, RoiBox, Rounds, boundary_shift, roi_box,
                        stage_scales)
 
-__all__ = ["Refiner", "FastOptions", "EdgeSnap", "Rounds"]
+__all__ = ["Refiner", "FastOptions", "EdgeSnap", "GrabCut", "Rounds"]
 
 CPU_CHUNK_QUERIES = 16384  # decoder queries per step on CPU: keeps the 32-d working set in L2
 
@@ -49,11 +50,15 @@ class Refiner(FastMode):
         rounds: refine again, from its own probability, each mask that the last round still moved by at least
             MIN_SHIFT px on average, up to COUNT rounds (`crm_d2.schedule.Rounds`): an int COUNT, "COUNT:MIN_SHIFT",
             or a Rounds; default: the checkpoint's own `meta["rounds"]`, else 1 (one pass of the schedule).
+        grabcut: the pixels within BAND px of the refined boundary decided again by OpenCV's GrabCut with the
+            photo (`crm_d2.grabcut`), after the edge snap: an int BAND, "BAND[:ITERS[:MIN_SHIFT]]", a GrabCut, or
+            "off"/False; default: the checkpoint's own `meta["grabcut"]`, else off. It helps masks from a 16x
+            lower-resolution segmenter and polygons, and costs good ones (docs/demo_model.md, "GrabCut finish").
     """
 
     def __init__(self, weights="demo", device=None, scales=None, memory_budget=512 << 20, max_batch=8,
                  amp=False, allow_random=False, config=None, mode="exact", fast=None, edge_snap=None,
-                 rounds=None):
+                 rounds=None, grabcut=None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -77,6 +82,8 @@ class Refiner(FastMode):
         self.edge_snap = (EdgeSnap.parse(meta.get("edge_snap")) or False) if snap is None else snap
         rounds = Rounds.parse(rounds)
         self.rounds = (Rounds.parse(meta.get("rounds")) or Rounds()) if rounds is None else rounds
+        cut = GrabCut.parse(grabcut)
+        self.grabcut = (GrabCut.parse(meta.get("grabcut")) or False) if cut is None else cut
         self.memory_budget = int(memory_budget)
         self.max_batch = max(1, int(max_batch))
         self.amp = bool(amp)
@@ -138,20 +145,24 @@ class Refiner(FastMode):
                     out = self._run_rounds(crops, crop_masks, scales, max_side, min_side)
                     for (i, b), p, coarse in zip(part, out, crop_masks):
                         probs[i] = masks[i]
-                        probs[i][b.slices] = self._snap(image, p[None], coarse[None], b.slices)[0]
+                        probs[i][b.slices] = self._finish(image, p[None], coarse[None], b.slices)[0]
         else:
             for start in range(0, len(masks), self.max_batch):
                 chunk = masks[start : start + self.max_batch]
-                probs[start : start + self.max_batch] = self._snap(
+                probs[start : start + self.max_batch] = self._finish(
                     image, self._run_rounds(img_t, chunk, scales, max_side), chunk)
         return format_output(probs, output)
 
-    def _snap(self, image, probs, coarse, where=None):
-        t0 = time.perf_counter()
-        out = snap_probs(image, probs, self.edge_snap, where, coarse)
-        if self.profile is not None and self.edge_snap:
-            self.profile.append({"edge_snap_s": time.perf_counter() - t0})
-        return out
+    def _finish(self, image, probs, coarse, where=None):
+        """The photo-guided steps after the model: the edge snap, then the GrabCut finish (each when set)."""
+        steps = ((self.edge_snap, snap_probs, "edge_snap_s"), (self.grabcut, grabcut_probs, "grabcut_s"))
+        for opt, run, key in steps:
+            if opt:
+                t0 = time.perf_counter()
+                probs = run(image, probs, opt, where, coarse)
+                if self.profile is not None:
+                    self.profile.append({key: time.perf_counter() - t0})
+        return probs
 
     # ------------------------------------------------------------------------------------------- engine
     def _run_rounds(self, images, masks, scales, max_side, min_side=None):

@@ -395,6 +395,17 @@ def test_rounds_key_means_what_the_refiner_option_means(crm_weights):
         build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.ROUNDS", "many"]))
 
 
+def test_grabcut_key_means_what_the_refiner_option_means(crm_weights):
+    from crm_d2.grabcut import GrabCut
+
+    base = TINY + ["MODEL.CRM.WEIGHTS", crm_weights]
+    assert build_model(_cfg("MaskRCNN-R50-CRM.yaml", base)).crm_refiner.grabcut is False  # "": the file's own
+    model = build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.GRABCUT", "2:1:0.25"]))
+    assert model.crm_refiner.grabcut == GrabCut(2, 1, 0.25)
+    with pytest.raises(ValueError, match="grabcut"):
+        build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.GRABCUT", "wide"]))
+
+
 def _train_net(args, out, data, timeout=600):
     cmd = [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
            str(CONFIGS / "PanopticFPN-R50-CRM.yaml"), "--eval-only", *args, "OUTPUT_DIR", str(out)]

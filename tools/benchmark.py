@@ -54,6 +54,7 @@ def run_one(args):
 
     from crm_d2.metrics import boundary_accuracy, iou
     from crm_d2.reference import make_layer4, reference_refine
+    from crm_d2.grabcut import grabcut_text
     from crm_d2.guided import snap_text
     from crm_d2.refiner import Refiner
     from crm_d2.io import read_image, read_mask
@@ -79,7 +80,7 @@ def run_one(args):
                       config=args.weights[len("random-"):] if random else None, device=args.device,
                       mode="fast" if args.mode == "fast" else "exact", memory_budget=args.budget_mb << 20,
                       scales=args.scales, amp=args.mode == "amp", edge_snap=args.edge_snap,
-                      rounds=args.rounds)
+                      rounds=args.rounds, grabcut=args.grabcut)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     layer4 = make_layer4(refiner.model).to(refiner.device) if args.mode == "reference" else None
@@ -103,6 +104,7 @@ def run_one(args):
         times.append(t)
         stages = [st for st in refiner.profile if "scale" in st]
         snap_s = sum(st.get("edge_snap_s", 0.0) for st in refiner.profile)
+        grabcut_s = sum(st.get("grabcut_s", 0.0) for st in refiner.profile)
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     res = {"size": args.size, "hw": [H, W],
@@ -113,7 +115,7 @@ def run_one(args):
            "mpix_per_s": H * W / 1e6 / statistics.median(times),
            "stages": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
            "edge_snap": snap_text(refiner.edge_snap), "edge_snap_s": round(snap_s, 3),
-           "rounds": str(refiner.rounds),
+           "rounds": str(refiner.rounds), "grabcut": grabcut_text(refiner.grabcut), "grabcut_s": round(grabcut_s, 3),
            "threads": torch.get_num_threads(), "budget_mb": args.budget_mb}
     if cuda:
         res["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
@@ -164,6 +166,7 @@ def markdown(results):
         vs = (f"{r['iou_vs_exact']:.2f}/{r['mba_vs_exact']:.2f}, {r['max_abs_diff_vs_exact']:.1e}"
               if "iou_vs_exact" in r else "")
         snap = f" (edge snap {r['edge_snap_s']:.2f})" if r.get("edge_snap_s") else ""
+        snap += f" (grabcut {r['grabcut_s']:.2f})" if r.get("grabcut_s") else ""
         lines.append(f"| {r['size']} | {r['input']} | {r['device']} | {r['mode']} | {r['median_s']:.2f}{snap} "
                      f"| {r['mpix_per_s']:.2f} "
                      f"| {r['peak_mem_gb']:.2f} | {enc} | {dec} | {r['iou_gt']:.2f}/{r['mba_gt']:.2f} "
@@ -172,7 +175,7 @@ def markdown(results):
 
 
 def main():
-    from crm_d2.commands.common import add_scales_argument, edge_snap_argument, rounds_argument
+    from crm_d2.commands.common import add_scales_argument, edge_snap_argument, grabcut_argument, rounds_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), type=size_arg, help="1k 2k 4k 6k or WIDTHxHEIGHT")
@@ -192,6 +195,8 @@ def main():
                    help="Refiner's edge_snap (RADIUS:PASSES:EPS or off; default: the model's own)")
     p.add_argument("--rounds", default=None, type=rounds_argument,
                    help="Refiner's rounds (COUNT[:MIN_SHIFT]; default: the model's own)")
+    p.add_argument("--grabcut", default=None, type=grabcut_argument,
+                   help="Refiner's grabcut (BAND[:ITERS[:MIN_SHIFT]] or off; default: the model's own)")
     add_scales_argument(p)
     p.add_argument("--photos", help="folder with images/ and masks/ (same stems): upscaled real photos as inputs")
     p.add_argument("--photo-count", type=int, default=3, help="photos taken evenly from --photos")
@@ -230,6 +235,8 @@ def main():
                         extra += ["--edge-snap", args.edge_snap]
                     if args.rounds:
                         extra += ["--rounds", args.rounds]
+                    if args.grabcut:
+                        extra += ["--grabcut", args.grabcut]
                     if args.gpu_memory_gb:
                         extra += ["--gpu-memory-gb", str(args.gpu_memory_gb)]
                     r = child(cfg, extra)

@@ -89,7 +89,8 @@ def main(argv=None):
         raise SystemExit(f"--floor names recipes that are not in --recipes: {sorted(unknown)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    refiner = Refiner(args.weights, device="cpu", edge_snap="off", rounds=1)
+    # the GrabCut finish is never searched here (it costs good masks too much to be a model's own default)
+    refiner = Refiner(args.weights, device="cpu", edge_snap="off", rounds=1, grabcut="off")
     model = refiner.model
     if not model.cfg.mask_skip:
         raise SystemExit(f"{args.weights}: this model has no mask skip; nothing to calibrate")
@@ -132,6 +133,7 @@ def main(argv=None):
     meta = dict(getattr(model, "meta", {}))
     meta.pop("edge_snap", None)
     meta.pop("rounds", None)
+    meta.pop("grabcut", None)  # chosen without one
     if best["snap"]:
         meta["edge_snap"] = best["snap"]
     if best["rounds"]["count"] > 1:

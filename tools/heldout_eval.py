@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from crm_d2.commands.common import edge_snap_argument, rounds_argument
+from crm_d2.commands.common import edge_snap_argument, grabcut_argument, rounds_argument
+from crm_d2.grabcut import grabcut_text
 from crm_d2.guided import snap_text
 from crm_d2.io import atomic_write, read_image, read_mask, write_image, write_png
 from crm_d2.metrics import RefinementMetrics
@@ -168,6 +169,8 @@ def main(argv=None):
                    help="Refiner's edge_snap: RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] or off (default: the model's own)")
     p.add_argument("--rounds", default=None, metavar="COUNT[:MIN_SHIFT]", type=rounds_argument,
                    help="Refiner's rounds (default: the model's own)")
+    p.add_argument("--grabcut", default=None, metavar="BAND[:ITERS[:MIN_SHIFT]]", type=grabcut_argument,
+                   help="Refiner's grabcut (default: the model's own)")
     p.add_argument("--device", default=None)
     p.add_argument("--write-big", default=None, help="also write BIG-layout folders (one per recipe)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
@@ -183,7 +186,7 @@ def main(argv=None):
     if args.scales:
         scales = "auto" if args.scales == ["auto"] else [float(s) for s in args.scales]
     refiner = Refiner(args.weights, device=args.device, mode="fast" if args.fast else "exact",
-                      edge_snap=args.edge_snap, rounds=args.rounds)
+                      edge_snap=args.edge_snap, rounds=args.rounds, grabcut=args.grabcut)
     items = heldout_items(args.data, args.every)
     if args.regions:
         items = [it for it in items if it.name.startswith("ccp/")]
@@ -198,12 +201,14 @@ def main(argv=None):
             f"{', CCP regions in ROI mode' if args.regions else ''}"
             f"{f', upscaled to {args.upscale} px' if args.upscale else ''}{', fast mode' if args.fast else ''}"
             f"{f', encoder at most {args.max_side} px' if args.max_side else ''}"
-            f", edge snap {snap_text(refiner.edge_snap)}, rounds {refiner.rounds}")
+            f", edge snap {snap_text(refiner.edge_snap)}, rounds {refiner.rounds}"
+            f", grabcut {grabcut_text(refiner.grabcut)}")
     print(table(results, f"Held-out IoU / mBA (percent), {what}; {took:.0f} s"))
     if args.json:
         out = {"weights": str(args.weights), "scales": scales or refiner.scales, "photos": len(items),
                "regions": args.regions, "upscale": args.upscale, "fast": args.fast, "max_side": args.max_side,
                "edge_snap": snap_text(refiner.edge_snap), "rounds": str(refiner.rounds),
+               "grabcut": grabcut_text(refiner.grabcut),
                "seconds": took,
                "results": results}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))

@@ -179,7 +179,8 @@ def run(args):
         categories = {**categories, PERSON["id"]: PERSON}
     settings = {"demo": True, "sample": str(Path(args.sample).resolve()), "long_side": args.long_side,
                 "factor": args.factor, "regions": args.regions, "weights": str(args.weights), "fast": args.fast,
-                "edge_snap": args.edge_snap, "rounds": args.rounds, "options": vars(options)}
+                "edge_snap": args.edge_snap, "rounds": args.rounds, "grabcut": args.grabcut,
+                "options": vars(options)}
     check_run_settings(out, settings)
     print(f"demo: {len(items)} sample images, coarse masks from a simulated 1/{args.factor} segmenter, "
           f"refining with weights {args.weights!r} -> {out}", file=sys.stderr)

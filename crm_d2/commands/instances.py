@@ -138,7 +138,8 @@ def _run(args, env):
     by_image, images = group_results(results, gt, args.pred_json)
     out = Path(args.output)
     settings = {"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights), "fast": args.fast,
-                "edge_snap": args.edge_snap, "rounds": args.rounds, "non_overlapping": args.non_overlapping,
+                "edge_snap": args.edge_snap, "rounds": args.rounds, "grabcut": args.grabcut,
+                "non_overlapping": args.non_overlapping,
                 "score_thresh": args.score_thresh, "options": vars(options)}
     refiner = build_refiner(args, env.device)  # first: a mistyped --weights must not be recorded as the settings
 

@@ -213,7 +213,8 @@ def _run(args, env):
     pred = PanopticSet(args.pred_json, args.pred_dir)
     gt = PanopticSet(args.gt_json, args.gt_dir) if args.gt_json else None
     settings = {"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights),
-                "fast": args.fast, "edge_snap": args.edge_snap, "rounds": args.rounds, "options": vars(options)}
+                "fast": args.fast, "edge_snap": args.edge_snap, "rounds": args.rounds, "grabcut": args.grabcut,
+                "options": vars(options)}
     refiner = build_refiner(args, env.device)  # first: a mistyped --weights must not be recorded as the settings
     env.decide(check_run_settings, args.output, settings)
     refined = refine_panoptic_set(refiner, args.images, pred, args.output, options, gt=gt, limit=args.limit, env=env)

@@ -126,7 +126,8 @@ def _run(args, env):
 def run_settings(args):
     """What decides a folder run's outputs (not device, memory budget or pictures: those do not change them)."""
     return {"big_dir": str(Path(args.big_dir).resolve()), "weights": str(args.weights), "fast": args.fast,
-            "edge_snap": args.edge_snap, "rounds": args.rounds, "scales": args.scales, "roi": args.roi,
+            "edge_snap": args.edge_snap, "rounds": args.rounds, "grabcut": args.grabcut,
+            "scales": args.scales, "roi": args.roi,
             "margin": args.margin if args.roi else None,
             "max_side": args.max_side, "binary": args.binary}
 

@@ -112,7 +112,8 @@ class CRMRefinementMixin:
             scales = "auto" if list(c.SCALES) == ["auto"] else tuple(c.SCALES) or None
             refiner = Refiner(c.WEIGHTS, device=cfg.MODEL.DEVICE, scales=scales, amp=bool(c.AMP),
                               max_batch=int(c.BATCH_SIZE), mode="fast" if c.FAST else "exact",
-                              edge_snap=str(c.EDGE_SNAP), rounds=str(c.ROUNDS))
+                              edge_snap=str(c.EDGE_SNAP), rounds=str(c.ROUNDS),
+                              grabcut=str(c.GRABCUT))
         # Not an attribute nn.Module tracks: CRM stays out of state_dict(), parameters() and .to().
         object.__setattr__(self, "crm_refiner", refiner)
         self._crm_warned = set()
