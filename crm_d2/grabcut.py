@@ -101,6 +101,7 @@ def grabcut_mask(bgr, fg, band, iters=1, context=CONTEXT):
     if not (label == cv2.GC_FGD).any() or not (label == cv2.GC_BGD).any():
         return fg.astype(bool)
     bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))
+    cv2.setRNGSeed(0)  # GrabCut seeds its colour models by k-means on OpenCV's RNG: same input, same output
     cv2.grabCut(np.ascontiguousarray(bgr[box]), label, None, bgd, fgd, int(iters), cv2.GC_INIT_WITH_MASK)
     out = fg.astype(bool)
     out[box] = (label == cv2.GC_FGD) | (label == cv2.GC_PR_FGD)

@@ -45,6 +45,19 @@ def test_grabcut_moves_a_boundary_that_is_off_onto_the_photos_edge(off):
     assert np.count_nonzero(grabcut_mask(bgr, wrong, band=1) != disc) > np.count_nonzero(cut != disc)
 
 
+def test_grabcut_gives_the_same_output_whatever_ran_before():
+    # GrabCut seeds its colour models by k-means on OpenCV's global RNG; on a textured photo that changes the cut
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (64, 80, 3)).astype(np.uint8)
+    _, disc = disc_photo()
+    rgb[disc] = (rgb[disc] * 0.6 + 80).astype(np.uint8)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    first = grabcut_mask(bgr, disc, band=2)
+    for seed in (1, 8, 15):
+        cv2.setRNGSeed(seed)
+        np.testing.assert_array_equal(grabcut_mask(bgr, disc, band=2), first)
+
+
 def test_grabcut_probs_flips_sides_keeping_confidence_and_works_on_crops():
     rgb, disc = disc_photo()
     _, wrong = disc_photo(radius=16)

@@ -102,6 +102,11 @@ def load_photos(items, regions=False, upscale_to=None):
         yield item.name, image, [g for g in gts if g.any()]
 
 
+def crm_label(refiner):
+    """The refined panel's title: "CRM", plus the photo-guided steps after the model when set."""
+    return " + ".join(["CRM"] + (["edge snap"] if refiner.edge_snap else []) + (["GrabCut"] if refiner.grabcut else []))
+
+
 def evaluate(refiner, photos, recipes, regions=False, write_big=None, scales=None, pictures=None,
              picture_names=(), progress=True, max_side=None, total=None):
     """{recipe: {"all": summary, source: summary}} of coarse vs refined IoU/mBA (percent) on `load_photos`'
@@ -121,7 +126,7 @@ def evaluate(refiner, photos, recipes, regions=False, write_big=None, scales=Non
             if pictures and photo in picture_names:
                 write_png(Path(pictures) / f"{photo.replace('/', '_')}_{recipe}.png",
                           side_by_side(image, [mask_panel(f"coarse {recipe}", *(c > 127 for c in coarse)),
-                                               mask_panel("CRM", *(p > 0.5 for p in probs)),
+                                               mask_panel(crm_label(refiner), *(p > 0.5 for p in probs)),
                                                mask_panel("ground truth", *(g > 127 for g in gts))]))
             for j, (g, c, p) in enumerate(zip(gts, coarse, probs)):
                 name = photo.replace("/", "_") + (f"_r{j}" if regions else "")
