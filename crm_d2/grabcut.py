@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from .inputs import option_from
+from .inputs import switchable_option
 from .schedule import boundary_shift
 
 __all__ = ["GrabCut", "grabcut_probs", "grabcut_text"]
@@ -45,26 +45,9 @@ class GrabCut:
 
     @classmethod
     def parse(cls, value):
-        """What the Python API, the CLI and the Detectron2 config may say, in one place: None or "" (nothing
-        said: the checkpoint's own) -> None; False, 0 or "off" -> False; an int band, "BAND[:ITERS[:MIN_SHIFT]]",
-        a dict or a GrabCut -> GrabCut."""
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            value = value.strip()
-            if value == "":
-                return None
-            if value == "off":
-                return False
-        if isinstance(value, (str, dict)):
-            return option_from(cls, value, "grabcut", "'off' or BAND[:ITERS[:MIN_SHIFT]] (e.g. 2 or 2:1:0.25)")
-        if isinstance(value, bool):
-            if value:
-                raise ValueError("grabcut True says no band: give BAND[:ITERS[:MIN_SHIFT]] (e.g. 2)")
-            return False
-        if isinstance(value, (int, np.integer)):
-            return cls(band=int(value)) if value else False
-        raise ValueError(f"grabcut must be a band, 'off', 'BAND:ITERS[:MIN_SHIFT]', a dict or a GrabCut, got {value!r}")
+        """None or "" (the checkpoint's own) -> None; False, 0 or "off" -> False; an int band,
+        "BAND[:ITERS[:MIN_SHIFT]]", a dict or a GrabCut -> GrabCut (`inputs.switchable_option`)."""
+        return switchable_option(cls, value, "grabcut", "BAND[:ITERS[:MIN_SHIFT]] (e.g. 2 or 2:1:0.25)")
 
     def __str__(self):
         return f"{self.band}:{self.iters}" + (f":{self.min_shift:g}" if self.min_shift else "")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from .inputs import option_from
+from .inputs import switchable_option
 from .schedule import boundary_shift
 
 __all__ = ["EdgeSnap", "guided_filter", "snap_probs", "boundary_shift", "snap_text"]
@@ -47,29 +47,9 @@ class EdgeSnap:
 
     @classmethod
     def parse(cls, value):
-        """What the Python API, the CLI and the Detectron2 config may say, in one place: None or "" (nothing
-        said: the checkpoint's own) -> None; False, 0 or "off" -> False; an int radius,
-        "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]]", a dict or an EdgeSnap -> EdgeSnap."""
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            value = value.strip()
-            if value == "":
-                return None
-            if value == "off":
-                return False
-        if isinstance(value, (str, dict)):
-            return option_from(cls, value, "edge snap",
-                               "'off' or RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] (e.g. 1:2:0.003:0.3)")
-        if isinstance(value, bool):
-            if value:
-                raise ValueError("edge snap True says no radius: give RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] "
-                                 "(e.g. 1:1:0.01)")
-            return False
-        if isinstance(value, (int, np.integer)):
-            return cls(radius=int(value)) if value else False
-        raise ValueError("edge snap must be a radius, 'off', 'RADIUS:PASSES:EPS[:MIN_SHIFT]', a dict or an EdgeSnap, "
-                         f"got {value!r}")
+        """None or "" (the checkpoint's own) -> None; False, 0 or "off" -> False; an int radius,
+        "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]]", a dict or an EdgeSnap -> EdgeSnap (`inputs.switchable_option`)."""
+        return switchable_option(cls, value, "edge snap", "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] (e.g. 1:2:0.003:0.3)")
 
     def __str__(self):
         return f"{self.radius}:{self.passes}:{self.eps:g}" + (f":{self.min_shift:g}" if self.min_shift else "")

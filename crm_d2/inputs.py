@@ -96,6 +96,31 @@ def format_output(probs, output):
     return probs
 
 
+def switchable_option(cls, value, what, form):
+    """An option that can be switched off (the edge snap, the GrabCut finish) from what the Python API, the CLI
+    and the Detectron2 config may say, in one place: None or "" (nothing said: the checkpoint's own) -> None;
+    False, 0 or "off" -> False; an int (the first field), `form` text, a dict or a `cls` -> `cls`."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        value = value.strip()
+        if value == "":
+            return None
+        if value == "off":
+            return False
+    if isinstance(value, (str, dict)):
+        return option_from(cls, value, what, f"'off' or {form}")
+    first = dataclasses.fields(cls)[0].name
+    if isinstance(value, bool):
+        if value:
+            raise ValueError(f"{what} True says no {first}: give {form}")
+        return False
+    if isinstance(value, (int, np.integer)):
+        return cls(**{first: int(value)}) if value else False
+    raise ValueError(f"{what} must be a {first}, 'off', {form.split(' (')[0]}, a dict or {cls.__name__}(...), "
+                     f"got {value!r}")
+
+
 def option_from(cls, value, what, form):
     """An option dataclass from "A:B:..." text (its fields in order, each converted by its type; trailing ones
     may be left out) or from a dict of its fields; errors name `what` and the accepted `form`."""
