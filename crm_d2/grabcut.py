@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from .inputs import switchable_option
+from .inputs import parse_option
 from .schedule import boundary_shift
 
 __all__ = ["GrabCut", "grabcut_probs", "grabcut_text"]
@@ -46,8 +46,8 @@ class GrabCut:
     @classmethod
     def parse(cls, value):
         """None or "" (the checkpoint's own) -> None; False, 0 or "off" -> False; an int band,
-        "BAND[:ITERS[:MIN_SHIFT]]", a dict or a GrabCut -> GrabCut (`inputs.switchable_option`)."""
-        return switchable_option(cls, value, "grabcut", "BAND[:ITERS[:MIN_SHIFT]] (e.g. 2 or 2:1:0.25)")
+        "BAND[:ITERS[:MIN_SHIFT]]", a dict or a GrabCut -> GrabCut (`inputs.parse_option`)."""
+        return parse_option(cls, value, "grabcut", "BAND[:ITERS[:MIN_SHIFT]] (e.g. 2 or 2:1:0.25)")
 
     def __str__(self):
         return f"{self.band}:{self.iters}" + (f":{self.min_shift:g}" if self.min_shift else "")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from .inputs import switchable_option
+from .inputs import parse_option
 from .schedule import boundary_shift
 
 __all__ = ["EdgeSnap", "guided_filter", "snap_probs", "boundary_shift", "snap_text"]
@@ -48,8 +48,8 @@ class EdgeSnap:
     @classmethod
     def parse(cls, value):
         """None or "" (the checkpoint's own) -> None; False, 0 or "off" -> False; an int radius,
-        "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]]", a dict or an EdgeSnap -> EdgeSnap (`inputs.switchable_option`)."""
-        return switchable_option(cls, value, "edge snap", "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] (e.g. 1:2:0.003:0.3)")
+        "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]]", a dict or an EdgeSnap -> EdgeSnap (`inputs.parse_option`)."""
+        return parse_option(cls, value, "edge snap", "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] (e.g. 1:2:0.003:0.3)")
 
     def __str__(self):
         return f"{self.radius}:{self.passes}:{self.eps:g}" + (f":{self.min_shift:g}" if self.min_shift else "")

@@ -96,28 +96,30 @@ def format_output(probs, output):
     return probs
 
 
-def switchable_option(cls, value, what, form):
-    """An option that can be switched off (the edge snap, the GrabCut finish) from what the Python API, the CLI
-    and the Detectron2 config may say, in one place: None or "" (nothing said: the checkpoint's own) -> None;
-    False, 0 or "off" -> False; an int (the first field), `form` text, a dict or a `cls` -> `cls`."""
+def parse_option(cls, value, what, form, can_be_off=True):
+    """An option dataclass (the edge snap, the GrabCut finish, the rounds) from what the Python API, the CLI and
+    the Detectron2 config may say, in one place: None or "" (nothing said: the checkpoint's own) -> None; an int
+    (the first field), `form` text ("A:B:..."), a dict or a `cls` -> `cls`; and, for an option that can be
+    switched off, False, 0 or "off" -> False."""
     if value is None or isinstance(value, cls):
         return value
     if isinstance(value, str):
         value = value.strip()
         if value == "":
             return None
-        if value == "off":
+        if value == "off" and can_be_off:
             return False
     if isinstance(value, (str, dict)):
-        return option_from(cls, value, what, f"'off' or {form}")
+        return option_from(cls, value, what, f"'off' or {form}" if can_be_off else form)
     first = dataclasses.fields(cls)[0].name
-    if isinstance(value, bool):
+    if isinstance(value, bool) and can_be_off:
         if value:
             raise ValueError(f"{what} True says no {first}: give {form}")
         return False
-    if isinstance(value, (int, np.integer)):
-        return cls(**{first: int(value)}) if value else False
-    raise ValueError(f"{what} must be a {first}, 'off', {form.split(' (')[0]}, a dict or {cls.__name__}(...), "
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return cls(**{first: int(value)}) if value or not can_be_off else False
+    off = "'off', " if can_be_off else ""
+    raise ValueError(f"{what} must be a {first}, {off}{form.split(' (')[0]}, a dict or {cls.__name__}(...), "
                      f"got {value!r}")
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .inputs import option_from
+from .inputs import parse_option
 
 DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)  # the release's schedule (and the authors' checkpoint's)
 AUTO_BASE = 512  # "auto" schedule: the first stage's long side, about what a checkpoint was trained on
@@ -74,17 +74,7 @@ class Rounds:
     def parse(cls, value):
         """What the Python API, the CLI and the Detectron2 config may say, in one place: None or "" (nothing
         said: the checkpoint's own) -> None; an int count, "COUNT[:MIN_SHIFT]", a dict or a Rounds -> Rounds."""
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            value = value.strip()
-            if value == "":
-                return None
-        if isinstance(value, (str, dict)):
-            return option_from(cls, value, "rounds", "COUNT[:MIN_SHIFT] (e.g. 3:0.3)")
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            return cls(int(value))
-        raise ValueError(f"rounds must be a count, 'COUNT[:MIN_SHIFT]', a dict or a Rounds, got {value!r}")
+        return parse_option(cls, value, "rounds", "COUNT[:MIN_SHIFT] (e.g. 3:0.3)", can_be_off=False)
 
     def __str__(self):
         """The one written form (run records, reports): COUNT or COUNT:MIN_SHIFT."""
