@@ -168,3 +168,37 @@ def check_output_setting(tmp_path, make_big_dir, capsys):
         return d, out, before
 
     return check
+
+
+@pytest.fixture
+def demo_checkpoint(tmp_path):
+    """demo_checkpoint(meta) -> the path of the shipped model saved with `meta` (its own options). The shipped
+    model, since a random one's output hardly depends on its input mask."""
+
+    def save(meta, name="demo_with_meta.pth"):
+        from crm_d2.checkpoint import load_model, save_checkpoint
+
+        model = load_model("demo", "cpu")
+        path = tmp_path / name
+        save_checkpoint(path, model, model.cfg, meta=meta)
+        return path
+
+    return save
+
+
+@pytest.fixture
+def roi_keeps_coarse_outside():
+    """check(roi_out, coarse, margin, other_roi_out): ROI mode changed only the mask's box plus `margin` (the
+    coarse mask is kept outside it), and differs inside it from `other_roi_out` (the same refiner without the
+    option under test)."""
+    from crm_d2.schedule import roi_box
+
+    def check(roi_out, coarse, margin, other_roi_out):
+        box = roi_box(coarse.astype(np.float32), margin)
+        outside = np.ones(coarse.shape, bool)
+        outside[box.slices] = False
+        assert outside.any()
+        np.testing.assert_array_equal(roi_out[outside], coarse[outside].astype(np.float32))
+        assert np.abs(roi_out - other_roi_out).max() > 0
+
+    return check

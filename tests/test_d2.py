@@ -373,37 +373,27 @@ def test_config_errors(crm_weights):
             assert get_crm_cfg(str(CONFIGS / config)).MODEL.CRM.BASE_META_ARCHITECTURE
 
 
-def test_edge_snap_key_means_what_the_refiner_option_means(crm_weights):
+def _option(name, text):
+    from crm_d2.grabcut import GrabCut
     from crm_d2.guided import EdgeSnap
-
-    base = TINY + ["MODEL.CRM.WEIGHTS", crm_weights]
-    assert build_model(_cfg("MaskRCNN-R50-CRM.yaml", base)).crm_refiner.edge_snap is False  # "": the file's own
-    model = build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.EDGE_SNAP", "1:1:0.01"]))
-    assert model.crm_refiner.edge_snap == EdgeSnap(1, 1, 0.01)
-    with pytest.raises(ValueError, match="edge snap"):
-        build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.EDGE_SNAP", "wide"]))
-
-
-def test_rounds_key_means_what_the_refiner_option_means(crm_weights):
     from crm_d2.schedule import Rounds
 
+    return {"edge_snap": EdgeSnap, "rounds": Rounds, "grabcut": GrabCut}[name].parse(text)
+
+
+@pytest.mark.parametrize("name,key,value,file_own,bad", [
+    ("edge_snap", "MODEL.CRM.EDGE_SNAP", "1:1:0.01", False, "wide"),
+    ("rounds", "MODEL.CRM.ROUNDS", "3:0.3", "1", "many"),
+    ("grabcut", "MODEL.CRM.GRABCUT", "2:1:0.25", False, "wide"),
+])
+def test_option_keys_mean_what_the_refiner_options_mean(crm_weights, name, key, value, file_own, bad):
     base = TINY + ["MODEL.CRM.WEIGHTS", crm_weights]
-    assert build_model(_cfg("MaskRCNN-R50-CRM.yaml", base)).crm_refiner.rounds == Rounds(1)  # "": the file's own
-    model = build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.ROUNDS", "3:0.3"]))
-    assert model.crm_refiner.rounds == Rounds(3, 0.3)
-    with pytest.raises(ValueError, match="rounds"):
-        build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.ROUNDS", "many"]))
-
-
-def test_grabcut_key_means_what_the_refiner_option_means(crm_weights):
-    from crm_d2.grabcut import GrabCut
-
-    base = TINY + ["MODEL.CRM.WEIGHTS", crm_weights]
-    assert build_model(_cfg("MaskRCNN-R50-CRM.yaml", base)).crm_refiner.grabcut is False  # "": the file's own
-    model = build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.GRABCUT", "2:1:0.25"]))
-    assert model.crm_refiner.grabcut == GrabCut(2, 1, 0.25)
-    with pytest.raises(ValueError, match="grabcut"):
-        build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + ["MODEL.CRM.GRABCUT", "wide"]))
+    own = getattr(build_model(_cfg("MaskRCNN-R50-CRM.yaml", base)).crm_refiner, name)
+    assert own == (_option(name, file_own) if file_own else False)  # "": the file's own (it has none)
+    model = build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + [key, value]))
+    assert getattr(model.crm_refiner, name) == _option(name, value)
+    with pytest.raises(ValueError, match=name.replace("_", " ")):
+        build_model(_cfg("MaskRCNN-R50-CRM.yaml", base + [key, bad]))
 
 
 def _train_net(args, out, data, timeout=600):

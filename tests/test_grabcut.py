@@ -5,11 +5,10 @@ import cv2
 import numpy as np
 import pytest
 
-from crm_d2.checkpoint import load_model, save_checkpoint
 from crm_d2.grabcut import GrabCut, grabcut_mask, grabcut_probs
 from crm_d2.metrics import iou
 from crm_d2.refiner import Refiner
-from crm_d2.schedule import boundary_shift, roi_box
+from crm_d2.schedule import boundary_shift
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,15 +113,11 @@ def test_grabcut_values_mean_the_same_everywhere():
 
 
 @pytest.fixture
-def grabcut_checkpoint(tmp_path):
-    """The shipped model (a random one's output hardly depends on its input mask), saved with a GrabCut finish."""
-    model = load_model("demo", "cpu")
-    path = tmp_path / "grabcut.pth"
-    save_checkpoint(path, model, model.cfg, meta={"scales": [1.0], "grabcut": {"band": 2, "iters": 1}})
-    return path
+def grabcut_checkpoint(demo_checkpoint):
+    return demo_checkpoint({"scales": [1.0], "grabcut": {"band": 2, "iters": 1}})
 
 
-def test_refiner_takes_the_checkpoints_grabcut_unless_told_otherwise(grabcut_checkpoint, scene):
+def test_refiner_takes_the_checkpoints_grabcut_unless_told_otherwise(grabcut_checkpoint, scene, roi_keeps_coarse_outside):
     img, gt, coarse = scene
     own = Refiner(str(grabcut_checkpoint), device="cpu")
     assert own.grabcut == GrabCut(2)
@@ -138,13 +133,8 @@ def test_refiner_takes_the_checkpoints_grabcut_unless_told_otherwise(grabcut_che
     snapped = Refiner(str(grabcut_checkpoint), device="cpu", edge_snap="1:1:0.01", grabcut="off").refine(img, coarse)
     np.testing.assert_array_equal(both.refine(img, coarse), grabcut_probs(img, snapped[None].copy(), GrabCut(2))[0])
     # ROI mode finishes inside the box and keeps the coarse mask outside it
-    roi = own.refine(img, coarse, roi=True, margin=0.1)
-    box = roi_box(coarse.astype(np.float32), 0.1)
-    outside = np.ones(coarse.shape, bool)
-    outside[box.slices] = False
-    assert outside.any()
-    np.testing.assert_array_equal(roi[outside], coarse[outside].astype(np.float32))
-    assert np.abs(roi - off.refine(img, coarse, roi=True, margin=0.1)).max() > 0
+    roi_keeps_coarse_outside(own.refine(img, coarse, roi=True, margin=0.1), coarse, 0.1,
+                             off.refine(img, coarse, roi=True, margin=0.1))
     # a model with none in its file (the demo model, the authors' checkpoint) runs without one
     assert Refiner(None, allow_random=True, config="tiny", device="cpu").grabcut is False
 

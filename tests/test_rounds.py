@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import pytest
 
-from crm_d2.checkpoint import load_model, save_checkpoint
 from crm_d2.refiner import Refiner
 from crm_d2.schedule import Rounds, boundary_shift, roi_box
 
@@ -26,12 +25,8 @@ def test_rounds_values_mean_the_same_everywhere():
 
 
 @pytest.fixture
-def model_path(tmp_path):
-    """The shipped model (a random one's output hardly depends on its input mask), saved with rounds of its own."""
-    model = load_model("demo", "cpu")
-    path = tmp_path / "rounds.pth"
-    save_checkpoint(path, model, model.cfg, meta={"scales": [0.5, 1.0], "rounds": {"count": 3, "min_shift": 0}})
-    return path
+def model_path(demo_checkpoint):
+    return demo_checkpoint({"scales": [0.5, 1.0], "rounds": {"count": 3, "min_shift": 0}})
 
 
 @pytest.fixture
