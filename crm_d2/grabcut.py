@@ -22,6 +22,9 @@ __all__ = ["GrabCut", "grabcut_probs", "grabcut_text"]
 # Pixels around the band whose colours feed the object and background models. Local colours separate an object
 # from what touches it better than the whole photo's, and the graph stays small at 4K.
 CONTEXT = 16
+# The band's box is cut into tiles of this side, each with its own graph: a 6000x4000 object would otherwise need
+# one graph of the whole object's box (2.7 GB). Masks of photos up to about 1000 px fit one tile.
+TILE = 1024
 
 
 @dataclass(frozen=True)
@@ -65,29 +68,36 @@ def _disk(r):
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
-def grabcut_mask(bgr, fg, band, iters=1, context=CONTEXT):
+def grabcut_mask(bgr, fg, band, iters=1, context=CONTEXT, tile=TILE):
     """The HxW bool mask `fg` with its pixels within `band` px of the boundary decided by GrabCut on the uint8
-    BGR photo; the graph is built on the band's box grown by `context` px. `fg` itself when the box holds no
-    certain object or no certain background to learn colours from."""
+    BGR photo. The band's box is cut in `tile` x `tile` tiles; each tile that holds part of the band gets its own
+    graph and colour models, on the tile grown by `context` px (so memory stays bounded at 6K). A tile whose box
+    holds no certain object or no certain background to learn colours from is left as it was."""
     fg = fg.astype(np.uint8)
     inner, outer = cv2.erode(fg, _disk(band)), cv2.dilate(fg, _disk(band))
     unsure = outer != inner
+    out = fg.astype(bool)
     rows, cols = np.flatnonzero(unsure.any(1)), np.flatnonzero(unsure.any(0))
     if rows.size == 0:
-        return fg.astype(bool)
+        return out
     h, w = fg.shape
-    box = (slice(max(0, rows[0] - context), min(h, rows[-1] + 1 + context)),
-           slice(max(0, cols[0] - context), min(w, cols[-1] + 1 + context)))
-    label = np.where(inner[box] > 0, cv2.GC_FGD, cv2.GC_BGD).astype(np.uint8)
-    label[unsure[box] & (fg[box] > 0)] = cv2.GC_PR_FGD
-    label[unsure[box] & (fg[box] == 0)] = cv2.GC_PR_BGD
-    if not (label == cv2.GC_FGD).any() or not (label == cv2.GC_BGD).any():
-        return fg.astype(bool)
-    bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))
-    cv2.setRNGSeed(0)  # GrabCut seeds its colour models by k-means on OpenCV's RNG: same input, same output
-    cv2.grabCut(np.ascontiguousarray(bgr[box]), label, None, bgd, fgd, int(iters), cv2.GC_INIT_WITH_MASK)
-    out = fg.astype(bool)
-    out[box] = (label == cv2.GC_FGD) | (label == cv2.GC_PR_FGD)
+    for y in range(rows[0], rows[-1] + 1, tile):
+        for x in range(cols[0], cols[-1] + 1, tile):
+            y1, x1 = min(y + tile, rows[-1] + 1), min(x + tile, cols[-1] + 1)
+            if not unsure[y:y1, x:x1].any():
+                continue
+            by, bx = max(0, y - context), max(0, x - context)
+            box = (slice(by, min(h, y1 + context)), slice(bx, min(w, x1 + context)))
+            label = np.where(inner[box] > 0, cv2.GC_FGD, cv2.GC_BGD).astype(np.uint8)
+            label[unsure[box] & (fg[box] > 0)] = cv2.GC_PR_FGD
+            label[unsure[box] & (fg[box] == 0)] = cv2.GC_PR_BGD
+            if not (label == cv2.GC_FGD).any() or not (label == cv2.GC_BGD).any():
+                continue
+            bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))
+            cv2.setRNGSeed(0)  # GrabCut seeds its colour models by k-means on OpenCV's RNG: same input, same output
+            cv2.grabCut(np.ascontiguousarray(bgr[box]), label, None, bgd, fgd, int(iters), cv2.GC_INIT_WITH_MASK)
+            cut = (label == cv2.GC_FGD) | (label == cv2.GC_PR_FGD)
+            out[y:y1, x:x1] = cut[y - by : y1 - by, x - bx : x1 - bx]
     return out
 
 

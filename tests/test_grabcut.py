@@ -44,6 +44,18 @@ def test_grabcut_moves_a_boundary_that_is_off_onto_the_photos_edge(off):
     assert np.count_nonzero(grabcut_mask(bgr, wrong, band=1) != disc) > np.count_nonzero(cut != disc)
 
 
+def test_a_band_longer_than_a_tile_is_finished_tile_by_tile():
+    rgb, disc = disc_photo()
+    _, wrong = disc_photo(radius=20)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    whole = grabcut_mask(bgr, wrong, band=2)  # one tile holds the whole band
+    for tile in (8, 16, 40):  # the band's 46-px box in 36, 9 or 4 tiles, each with its own graph
+        tiled = grabcut_mask(bgr, wrong, band=2, tile=tile)
+        assert iou(tiled, disc) > 0.99 and iou(tiled, whole) > 0.99
+        np.testing.assert_array_equal(tiled[~ring(wrong, 2)], wrong[~ring(wrong, 2)])
+    np.testing.assert_array_equal(grabcut_mask(bgr, wrong, band=2, tile=46), whole)
+
+
 def test_grabcut_gives_the_same_output_whatever_ran_before():
     # GrabCut seeds its colour models by k-means on OpenCV's global RNG; on a textured photo that changes the cut
     rng = np.random.default_rng(0)
