@@ -17,7 +17,7 @@ import numpy as np
 from .inputs import parse_option
 from .schedule import boundary_shift
 
-__all__ = ["GrabCut", "grabcut_probs", "grabcut_text"]
+__all__ = ["GrabCut", "grabcut_mask", "grabcut_probs"]
 
 # Pixels around the band whose colours feed the object and background models. Local colours separate an object
 # from what touches it better than the whole photo's, and the graph stays small at 4K.
@@ -57,11 +57,6 @@ class GrabCut:
 
     def to_dict(self):
         return asdict(self)
-
-
-def grabcut_text(opt):
-    """The one written form of a parsed option: "off" or BAND:ITERS[:MIN_SHIFT] (run records, reports)."""
-    return str(opt) if opt else "off"
 
 
 def _disk(r):

@@ -19,7 +19,7 @@ import numpy as np
 from .inputs import parse_option
 from .schedule import boundary_shift
 
-__all__ = ["EdgeSnap", "guided_filter", "snap_probs", "boundary_shift", "snap_text"]
+__all__ = ["EdgeSnap", "guided_filter", "snap_probs", "boundary_shift"]
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,6 @@ class EdgeSnap:
 
     def to_dict(self):
         return asdict(self)
-
-
-def snap_text(snap):
-    """The one written form of a parsed snap: "off" or RADIUS:PASSES:EPS[:MIN_SHIFT] (run records, reports)."""
-    return str(snap) if snap else "off"
 
 
 def _box(x, r):

@@ -96,6 +96,12 @@ def format_output(probs, output):
     return probs
 
 
+def option_text(opt):
+    """The one written form of a parsed option (edge snap, GrabCut, rounds): "off" or its own A:B:... text, so
+    run records and reports compare equal however the option was spelt."""
+    return str(opt) if opt else "off"
+
+
 def parse_option(cls, value, what, form, can_be_off=True):
     """An option dataclass (the edge snap, the GrabCut finish, the rounds) from what the Python API, the CLI and
     the Detectron2 config may say, in one place: None or "" (nothing said: the checkpoint's own) -> None; an int

@@ -54,8 +54,7 @@ def run_one(args):
 
     from crm_d2.metrics import boundary_accuracy, iou
     from crm_d2.reference import make_layer4, reference_refine
-    from crm_d2.grabcut import grabcut_text
-    from crm_d2.guided import snap_text
+    from crm_d2.inputs import option_text
     from crm_d2.refiner import Refiner
     from crm_d2.io import read_image, read_mask
     from crm_d2.train.synthetic import make_scene, upscale_photo
@@ -114,8 +113,9 @@ def run_one(args):
            "warmup_s": warmup_s, "peak_mem_gb": peak / 2**30,
            "mpix_per_s": H * W / 1e6 / statistics.median(times),
            "stages": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
-           "edge_snap": snap_text(refiner.edge_snap), "edge_snap_s": round(snap_s, 3),
-           "rounds": str(refiner.rounds), "grabcut": grabcut_text(refiner.grabcut), "grabcut_s": round(grabcut_s, 3),
+           "edge_snap": option_text(refiner.edge_snap), "edge_snap_s": round(snap_s, 3),
+           "rounds": option_text(refiner.rounds), "grabcut": option_text(refiner.grabcut),
+           "grabcut_s": round(grabcut_s, 3),
            "threads": torch.get_num_threads(), "budget_mb": args.budget_mb}
     if cuda:
         res["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30

@@ -38,7 +38,8 @@ from heldout_eval import coarse_mask, dev_items, load_photos  # noqa: E402
 
 from crm_d2.checkpoint import save_checkpoint  # noqa: E402
 from crm_d2.commands.common import edge_snap_argument, rounds_argument  # noqa: E402
-from crm_d2.guided import EdgeSnap, snap_probs, snap_text  # noqa: E402
+from crm_d2.guided import EdgeSnap, snap_probs  # noqa: E402
+from crm_d2.inputs import option_text  # noqa: E402
 from crm_d2.metrics import RefinementMetrics  # noqa: E402
 from crm_d2.refiner import Refiner  # noqa: E402
 from crm_d2.schedule import Rounds  # noqa: E402
@@ -120,7 +121,7 @@ def main(argv=None):
                           "mean_mba_gain": float(np.mean(list(gains.values()))), "within_floor": ok,
                           "recipes": res})
             cells = "  ".join(f"{r} {res[r]['iou']:.2f}/{res[r]['mba']:.2f} ({gains[r]:+.2f})" for r in args.recipes)
-            print(f"x{mult:<5} rounds {rounds:<6} snap {snap_text(snap):<10} "
+            print(f"x{mult:<5} rounds {rounds:<6} snap {option_text(snap):<10} "
                   f"mean mBA gain {table[-1]['mean_mba_gain']:+.2f}"
                   f"{'' if ok else ' (below floor)'}  {cells}", flush=True)
     eligible = [row for row in table if row["within_floor"]]
@@ -145,7 +146,7 @@ def main(argv=None):
         "dev_photos": len(photos), "source": str(args.weights)}
     save_checkpoint(args.output, model, model.cfg, meta=meta, half=args.half)
     print(f"wrote {args.output}: gain {learned:.3f} x {best['multiplier']} = {best['gain']:.3f}, rounds "
-          f"{Rounds.parse(best['rounds'])}, edge snap {snap_text(EdgeSnap.parse(best['snap']))}")
+          f"{Rounds.parse(best['rounds'])}, edge snap {option_text(EdgeSnap.parse(best['snap']))}")
     if args.json:
         Path(args.json).write_text(json.dumps({"learned": learned, "table": table, "best": best}, indent=1))
     return 0

@@ -26,9 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from crm_d2.commands.common import edge_snap_argument, grabcut_argument, rounds_argument
-from crm_d2.grabcut import grabcut_text
-from crm_d2.guided import snap_text
 from crm_d2.io import atomic_write, read_image, read_mask, write_image, write_png
+from crm_d2.inputs import option_text
 from crm_d2.metrics import RefinementMetrics
 from crm_d2.pictures import mask_panel, side_by_side
 from crm_d2.refiner import Refiner
@@ -206,14 +205,14 @@ def main(argv=None):
             f"{', CCP regions in ROI mode' if args.regions else ''}"
             f"{f', upscaled to {args.upscale} px' if args.upscale else ''}{', fast mode' if args.fast else ''}"
             f"{f', encoder at most {args.max_side} px' if args.max_side else ''}"
-            f", edge snap {snap_text(refiner.edge_snap)}, rounds {refiner.rounds}"
-            f", grabcut {grabcut_text(refiner.grabcut)}")
+            f", edge snap {option_text(refiner.edge_snap)}, rounds {refiner.rounds}"
+            f", grabcut {option_text(refiner.grabcut)}")
     print(table(results, f"Held-out IoU / mBA (percent), {what}; {took:.0f} s"))
     if args.json:
         out = {"weights": str(args.weights), "scales": scales or refiner.scales, "photos": len(items),
                "regions": args.regions, "upscale": args.upscale, "fast": args.fast, "max_side": args.max_side,
-               "edge_snap": snap_text(refiner.edge_snap), "rounds": str(refiner.rounds),
-               "grabcut": grabcut_text(refiner.grabcut),
+               "edge_snap": option_text(refiner.edge_snap), "rounds": str(refiner.rounds),
+               "grabcut": option_text(refiner.grabcut),
                "seconds": took,
                "results": results}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))

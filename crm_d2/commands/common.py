@@ -50,28 +50,31 @@ def _checked(parse, text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def edge_snap_argument(text):
-    """Checked when parsed, and written in one form ("off" or R:P:EPS), so run records compare equal."""
-    from ..guided import EdgeSnap, snap_text
+def _written(option_class, text):
+    """An option checked when parsed and written in its one form (`inputs.option_text`), so that run records
+    compare equal; None when nothing is said (the model's own)."""
+    from ..inputs import option_text
 
-    snap = _checked(EdgeSnap.parse, text)
-    return None if snap is None else snap_text(snap)
+    opt = _checked(option_class.parse, text)
+    return None if opt is None else option_text(opt)
+
+
+def edge_snap_argument(text):
+    from ..guided import EdgeSnap
+
+    return _written(EdgeSnap, text)
 
 
 def grabcut_argument(text):
-    """Checked when parsed, and written in one form ("off" or BAND:ITERS[:MIN_SHIFT]), so run records compare equal."""
-    from ..grabcut import GrabCut, grabcut_text
+    from ..grabcut import GrabCut
 
-    cut = _checked(GrabCut.parse, text)
-    return None if cut is None else grabcut_text(cut)
+    return _written(GrabCut, text)
 
 
 def rounds_argument(text):
-    """Checked when parsed, and written in one form (COUNT or COUNT:MIN_SHIFT), so run records compare equal."""
     from ..schedule import Rounds
 
-    rounds = _checked(Rounds.parse, text)
-    return None if rounds is None else str(rounds)
+    return _written(Rounds, text)
 
 
 class ScalesAction(argparse.Action):
