@@ -3,13 +3,14 @@ Blake, SIGGRAPH 2004), that is colour models of the object and of its surroundin
 to cut along the photo's edges.
 
 Why: the model places a boundary from stride-2 features and, with its mask skip, stays near a coarse input; a
-graph cut over the photo's colours moves a boundary that is a few pixels off onto the object's edge. Measured
-on held-out photos (docs/demo_model.md, "GrabCut finish"): with a 2-px band it takes masks from a 16x
-lower-resolution segmenter from +2.8 to +8.9 mBA, and it costs good (4x) masks where the labels do not follow
-the photo's colour edges, so it is opt-in. A checkpoint may carry one (`meta["grabcut"]`); the shipped ones do
-not. `min_shift` gates it to the masks that refinement moved, as the edge snap's does.
+graph cut over the photo's colours moves a boundary that is a few pixels off onto the object's edge. It also
+moves good boundaries where the labels do not follow the photo's colour edges, so on its own it is opt-in
+(`--grabcut 2`: held-out 16x masks +2.8 -> +8.9 mBA, good 4x masks -12.9). A checkpoint may carry a `Gate`
+fitted for its model (`tools/calibrate_grabcut.py`) that keeps each mask's cut only where it predicts a gain;
+the shipped demo model does, so a gated 1-px cut is its default (docs/demo_model.md, "GrabCut gate").
+`min_shift` gates it to the masks that refinement moved, as the edge snap's does.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from .inputs import parse_option
 from .schedule import boundary_shift
 
-__all__ = ["GrabCut", "grabcut_mask", "grabcut_probs"]
+__all__ = ["GATE_FEATURES", "Gate", "GrabCut", "gate_features", "grabcut_mask", "grabcut_probs"]
 
 # Pixels around the band whose colours feed the object and background models. Local colours separate an object
 # from what touches it better than the whole photo's, and the graph stays small at 4K.
@@ -27,18 +28,98 @@ CONTEXT = 16
 TILE = 1024
 
 
+# What a mask's gate reads (`gate_features`), in this order. Lengths are per pixel of boundary, so a mask's size
+# does not count; edge strengths are ratios, so a photo's contrast does not.
+GATE_FEATURES = ("shift", "cut_moved", "cut_from_coarse", "unsure", "edge_contrast", "coarse_edge", "cut_edge",
+                 "coarse_rough2", "coarse_rough4")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Whether GrabCut will sharpen a mask: a logistic model over `gate_features` (signed log1p, standardised)
+    that `tools/calibrate_grabcut.py` fits on development photos for one model and writes into its checkpoint.
+
+    Why: GrabCut gains where the refined mask is still far off and the object's edge is a colour edge, and loses
+    where a good mask follows a label that the photo's edges do not show. No single number tells the two apart
+    (docs/demo_model.md, "GrabCut finish"); the model's shift, its unsure band, the coarse mask's smoothness and
+    where GrabCut's boundary lies on the photo's gradient together do, well enough to apply it by default.
+
+    The features are in pixels, so what they mean depends on the photo's resolution: a photo whose long side is
+    over `max_side` (the largest it was fitted on; 0: no limit) keeps the model's output rather than trusting the
+    gate there. On 2K photos upscaled from the held-out ones, it would have cut masks that it should not have."""
+
+    mean: tuple
+    scale: tuple
+    coef: tuple
+    bias: float
+    features: tuple = GATE_FEATURES
+    max_side: int = 0
+
+    def __post_init__(self):
+        for name in ("mean", "scale", "coef", "features"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.features != GATE_FEATURES:
+            raise ValueError(f"this grabcut gate reads features {list(self.features)}; this version of crm_d2 "
+                             f"computes {list(GATE_FEATURES)}: calibrate it again (tools/calibrate_grabcut.py)")
+        if not len(self.mean) == len(self.scale) == len(self.coef) == len(GATE_FEATURES):
+            raise ValueError(f"a grabcut gate needs {len(GATE_FEATURES)} means, scales and coefficients")
+
+    @staticmethod
+    def _standard(x):
+        x = np.asarray(x, np.float64)
+        return np.sign(x) * np.log1p(np.abs(x))
+
+    def logit(self, features):
+        """The log-odds that GrabCut raises this mask's boundary accuracy; features: `gate_features` (or N x F)."""
+        z = (self._standard(features) - np.asarray(self.mean)) / np.asarray(self.scale)
+        return z @ np.asarray(self.coef) + self.bias
+
+    def covers(self, shape):
+        """Whether the gate was fitted on photos as large as one of this (H, W, ...) shape."""
+        return not self.max_side or max(shape[:2]) <= self.max_side
+
+    @classmethod
+    def fit(cls, features, helped, weights=None, l2=1.0, steps=50, max_side=0):
+        """The gate from N x F features and whether GrabCut helped each mask (weighted, e.g. by how much it
+        changed the mask's score): L2-penalised logistic regression (the penalty l2/2 |coef|^2 on the
+        standardised features, next to none on the bias), by Newton's method."""
+        x = cls._standard(features)
+        mean, scale = x.mean(0), x.std(0) + 1e-9
+        z = np.concatenate([(x - mean) / scale, np.ones((len(x), 1))], 1)
+        y = np.asarray(helped, np.float64)
+        sw = np.ones(len(y)) if weights is None or not np.any(weights) else np.asarray(weights) / np.mean(weights)
+        w = np.zeros(z.shape[1])
+        penalty = np.full(z.shape[1], float(l2))
+        penalty[-1] = 1e-6  # all but none on the bias: finite when every example says the same
+        for _ in range(steps):
+            p = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -30, 30)))
+            grad = z.T @ (sw * (p - y)) + penalty * w
+            hess = (z * (sw * p * (1 - p))[:, None]).T @ z + np.diag(penalty) + 1e-9 * np.eye(len(w))
+            step = np.linalg.solve(hess, grad)
+            w -= step
+            if np.abs(step).max() < 1e-10:
+                break
+        return cls(mean.tolist(), scale.tolist(), w[:-1].tolist(), float(w[-1]), max_side=int(max_side))
+
+
 @dataclass(frozen=True)
 class GrabCut:
     """band: pixels within this many px of the refined boundary (the 0.5 level) are decided again, the rest keep
     their side; iters: GrabCut iterations (colour models refitted, cut again); min_shift: only masks that
     refinement moved by at least this many px on average (`boundary_shift` from the coarse mask), which the model
-    found far off."""
+    found far off; gate: a `Gate` (or its dict) that keeps each mask's cut only where it predicts a gain, as a
+    checkpoint's `meta["grabcut"]` carries it (the text form has none: a cut asked for by hand is not gated)."""
 
     band: int = 2
     iters: int = 1
     min_shift: float = 0.0
+    gate: Gate = field(default=None, metadata={"text": False})
 
     def __post_init__(self):
+        if isinstance(self.gate, dict):
+            object.__setattr__(self, "gate", Gate(**self.gate))
+        if self.gate is not None and not isinstance(self.gate, Gate):
+            raise ValueError(f"grabcut gate must be a Gate or its dict, got {type(self.gate).__name__}")
         if int(self.band) != self.band or self.band < 1:
             raise ValueError(f"grabcut band must be a whole number >= 1, got {self.band}")
         if int(self.iters) != self.iters or self.iters < 1:
@@ -53,7 +134,8 @@ class GrabCut:
         return parse_option(cls, value, "grabcut", "BAND[:ITERS[:MIN_SHIFT]] (e.g. 2 or 2:1:0.25)")
 
     def __str__(self):
-        return f"{self.band}:{self.iters}" + (f":{self.min_shift:g}" if self.min_shift else "")
+        return (f"{self.band}:{self.iters}" + (f":{self.min_shift:g}" if self.min_shift else "")
+                + (" gated" if self.gate else ""))
 
     def to_dict(self):
         return asdict(self)
@@ -96,22 +178,78 @@ def grabcut_mask(bgr, fg, band, iters=1, context=CONTEXT, tile=TILE):
     return out
 
 
+def _outline(mask):
+    """The pixels of a bool mask that touch its outside (3x3)."""
+    m = mask.astype(np.uint8)
+    return m != cv2.erode(m, None)
+
+
+def gate_features(rgb, prob, coarse, cut):
+    """What a `Gate` reads for one mask (GATE_FEATURES, in order), on the H x W x 3 uint8 RGB photo or the crop
+    that the masks cover: prob, the refined probability; coarse, the mask refinement started from (> 0.5 is in);
+    cut, GrabCut's bool mask. How far the model and the cut moved the mask and how unsure the model is (per pixel
+    of boundary); how the photo's gradient (CIELAB, Sobel) on the refined boundary compares with the band around
+    it and with the gradient on the coarse and the cut boundaries; how much the coarse mask changes when blurred
+    (2 and 4 px), which is little for a mask from a low-resolution segmenter."""
+    fg, was = prob > 0.5, coarse > 0.5
+    ys, xs = np.nonzero(fg | was | cut)
+    if ys.size == 0:
+        return np.zeros(len(GATE_FEATURES))
+    margin = 16  # past the band (5 px), the Sobel window and the blurs' reach that matters
+    box = (slice(max(0, ys.min() - margin), ys.max() + margin + 1),
+           slice(max(0, xs.min() - margin), xs.max() + margin + 1))
+    fg, was, cut, prob = fg[box], was[box], cut[box], prob[box]
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb[box]), cv2.COLOR_RGB2LAB).astype(np.float32)
+    grad = np.sqrt(sum(cv2.Sobel(lab[..., i], cv2.CV_32F, 1, 0) ** 2 + cv2.Sobel(lab[..., i], cv2.CV_32F, 0, 1) ** 2
+                       for i in range(3)))
+    on_fg, on_was, on_cut = _outline(fg), _outline(was), _outline(cut)
+    length, was_length = max(1, np.count_nonzero(on_fg)), max(1, np.count_nonzero(on_was))
+
+    def edge(outline):
+        return float(grad[outline].mean()) if outline.any() else 0.0
+
+    u = fg.astype(np.uint8)
+    band = (cv2.dilate(u, None, iterations=5) > 0) & ~(cv2.erode(u, None, iterations=5) > 0)
+    strength = edge(on_fg)
+
+    def rough(sigma):
+        return np.count_nonzero(was != (cv2.GaussianBlur(was.astype(np.float32), (0, 0), sigma) > 0.5)) / was_length
+
+    return np.array([
+        np.count_nonzero(fg != was) / was_length,  # shift: as `boundary_shift`
+        np.count_nonzero(cut != fg) / length,
+        np.count_nonzero(cut != was) / was_length,
+        np.count_nonzero((prob > 0.3) & (prob < 0.7)) / length,
+        strength / (float(grad[band].mean()) + 1e-6),
+        edge(on_was) / (strength + 1e-6),
+        edge(on_cut) / (strength + 1e-6),
+        rough(2),
+        rough(4),
+    ])
+
+
 def grabcut_probs(rgb, probs, opt, where=None, coarse=None):
     """GrabCut-finish probabilities in place: probs is N x H x W float32 in [0, 1] on the photo `rgb` (H x W x 3
     uint8 RGB), or on its crop `where` (a pair of slices). A pixel GrabCut moves to the other side keeps its
     confidence (p becomes 1 - p, at least 0.02 from 0.5), so the binarised output is GrabCut's and a soft output
-    stays soft. `coarse`
-    (N x H x W, the masks refinement started from) is needed when `opt.min_shift` is set."""
+    stays soft. `coarse` (N x H x W, the masks refinement started from) is needed when `opt.min_shift` or
+    `opt.gate` is set; a mask whose gate says no, and every mask of a photo larger than the gate covers, keeps
+    the model's output."""
     if not opt:
         return probs
-    if opt.min_shift and coarse is None:
-        raise ValueError("a grabcut with min_shift needs the coarse masks")
-    bgr = np.ascontiguousarray((rgb if where is None else rgb[where])[..., ::-1])
+    if (opt.min_shift or opt.gate) and coarse is None:
+        raise ValueError("a grabcut with min_shift or a gate needs the coarse masks")
+    if opt.gate and not opt.gate.covers(rgb.shape):
+        return probs
+    rgb = rgb if where is None else rgb[where]
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
     for k, p in enumerate(probs):
         if opt.min_shift and boundary_shift(p, coarse[k]) < opt.min_shift:
             continue
         fg = p > 0.5
         cut = grabcut_mask(bgr, fg, opt.band, opt.iters)
+        if opt.gate and opt.gate.logit(gate_features(rgb, p, coarse[k], cut)) <= 0:
+            continue
         moved = cut != fg
         flipped = 1.0 - p[moved]
         p[moved] = np.where(cut[moved], np.maximum(flipped, 0.52), np.minimum(flipped, 0.48))

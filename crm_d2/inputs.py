@@ -131,7 +131,8 @@ def parse_option(cls, value, what, form, can_be_off=True):
 
 def option_from(cls, value, what, form):
     """An option dataclass from "A:B:..." text (its fields in order, each converted by its type; trailing ones
-    may be left out) or from a dict of its fields; errors name `what` and the accepted `form`."""
+    may be left out; fields marked `metadata={"text": False}` have no text form) or from a dict of its fields;
+    errors name `what` and the accepted `form`."""
     fields = dataclasses.fields(cls)
     if isinstance(value, dict):
         unknown = set(value) - {f.name for f in fields}
@@ -139,9 +140,10 @@ def option_from(cls, value, what, form):
             raise ValueError(f"unknown {what} keys {sorted(unknown)}; use {', '.join(f.name for f in fields)}")
         return cls(**value)
     parts = value.split(":")
+    written = [f for f in fields if f.metadata.get("text", True)]  # a field marked text=False has no text form
     try:
-        if len(parts) > len(fields):
+        if len(parts) > len(written):
             raise ValueError("too many fields")
-        return cls(*(f.type(x) for f, x in zip(fields, parts)))
+        return cls(**{f.name: f.type(x) for f, x in zip(written, parts)})
     except ValueError as e:
         raise ValueError(f"{what} must be {form}, got {value!r}: {e}") from None

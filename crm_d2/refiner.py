@@ -52,8 +52,10 @@ class Refiner(FastMode):
             or a Rounds; default: the checkpoint's own `meta["rounds"]`, else 1 (one pass of the schedule).
         grabcut: the pixels within BAND px of the refined boundary decided again by OpenCV's GrabCut with the
             photo (`crm_d2.grabcut`), after the edge snap: an int BAND, "BAND[:ITERS[:MIN_SHIFT]]", a GrabCut, or
-            "off"/False; default: the checkpoint's own `meta["grabcut"]`, else off. It helps masks from a 16x
-            lower-resolution segmenter and polygons, and costs good ones (docs/demo_model.md, "GrabCut finish").
+            "off"/False; default: the checkpoint's own `meta["grabcut"]`, else off. The demo model's own is a
+            1-px band kept per mask only where its gate predicts a gain (docs/demo_model.md, "GrabCut gate"); a
+            band given here cuts every mask, which helps masks from a 16x lower-resolution segmenter and costs
+            good ones ("GrabCut finish").
     """
 
     def __init__(self, weights="demo", device=None, scales=None, memory_budget=512 << 20, max_batch=8,

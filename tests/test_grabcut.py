@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from crm_d2.grabcut import GrabCut, grabcut_mask, grabcut_probs
+from crm_d2.grabcut import GATE_FEATURES, Gate, GrabCut, gate_features, grabcut_mask, grabcut_probs
 from crm_d2.metrics import iou
 from crm_d2.refiner import Refiner
 from crm_d2.schedule import boundary_shift
@@ -119,9 +119,94 @@ def test_grabcut_values_mean_the_same_everywhere():
     assert GrabCut.parse(2) == GrabCut.parse("2") == GrabCut(band=2, iters=1) == GrabCut.parse({"band": 2})
     assert GrabCut.parse("3:2:0.25") == GrabCut(3, 2, 0.25) == GrabCut.parse(str(GrabCut(3, 2, 0.25)))
     assert str(GrabCut(2)) == "2:1"
-    for bad in ("x", "2:1:0.1:9", "0", -1, True, 1.5, {"width": 2}, "2:0", "2:1:-1"):
+    for bad in ("x", "2:1:0.1:9", "0", -1, True, 1.5, {"width": 2}, "2:0", "2:1:-1", {"band": 1, "gate": 3}):
         with pytest.raises(ValueError, match="grabcut"):
             GrabCut.parse(bad)
+    # a gate comes only with a checkpoint's dict, and is written as such
+    gated = GrabCut.parse({"band": 1, "gate": shift_gate(0.5).__dict__})
+    assert gated == GrabCut(1, gate=shift_gate(0.5)) and str(gated) == "1:1 gated"
+    assert GrabCut.parse(gated.to_dict()) == gated
+
+
+def shift_gate(px):
+    """A hand-made gate: cut the masks that refinement moved by more than `px` on average (the first feature)."""
+    n = len(GATE_FEATURES)
+    return Gate(mean=[0.0] * n, scale=[1.0] * n, coef=[1.0] + [0.0] * (n - 1), bias=-float(np.log1p(px)))
+
+
+def test_gate_features_say_how_far_a_mask_is_and_where_the_photos_edge_is():
+    rgb, disc = disc_photo()
+    _, small = disc_photo(radius=15)  # 3 px inside the edge
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    cut = grabcut_mask(bgr, small, band=3)
+    length = np.count_nonzero(small != cv2.erode(small.astype(np.uint8), None).astype(bool))
+    f = dict(zip(GATE_FEATURES, gate_features(rgb, small.astype(np.float32), disc.astype(np.float32), cut)))
+    assert f["shift"] == pytest.approx(boundary_shift(small.astype(np.float32), disc.astype(np.float32)))
+    assert f["cut_moved"] == pytest.approx(np.count_nonzero(cut != small) / length) and f["cut_moved"] > 1.5
+    assert f["cut_from_coarse"] < 0.3 * f["shift"]  # the cut went back to the disc
+    assert f["unsure"] == 0  # a binary probability has no unsure band
+    # the refined boundary lies inside the disc, on no edge; the coarse one and the cut lie on the photo's edge
+    assert f["edge_contrast"] < 0.5 and f["coarse_edge"] > 3 and f["cut_edge"] > 3
+    assert f["coarse_rough2"] < 0.5 and f["coarse_rough4"] < 1.0  # a disc is smooth
+    # a ragged coarse mask (every other boundary pixel notched) is not
+    ragged = disc.copy()
+    ragged[(disc != cv2.erode(disc.astype(np.uint8), None).astype(bool)) & (np.indices(disc.shape).sum(0) % 2 == 0)] = 0
+    rough = gate_features(rgb, small.astype(np.float32), ragged.astype(np.float32), cut)
+    assert rough[GATE_FEATURES.index("coarse_rough2")] > 2 * f["coarse_rough2"]
+    # on a crop holding the masks, the same numbers: only the masks' surroundings are read
+    where = (slice(4, 60), slice(6, 74))
+    np.testing.assert_allclose(gate_features(rgb[where], small[where].astype(np.float32),
+                                             disc[where].astype(np.float32), cut[where]),
+                               list(f.values()), rtol=1e-5)
+    assert not gate_features(rgb, np.zeros((64, 80), np.float32), np.zeros((64, 80), np.float32),
+                             np.zeros((64, 80), bool)).any()
+
+
+def test_gate_fit_learns_a_rule_from_examples_and_weights_count():
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.normal(1.0, 1.0, (400, len(GATE_FEATURES))))
+    helped = x[:, 1] > 1.2  # only the second feature matters
+    gate = Gate.fit(x, helped, l2=1.0)
+    fresh = np.abs(rng.normal(1.0, 1.0, (400, len(GATE_FEATURES))))
+    assert np.mean((gate.logit(fresh) > 0) == (fresh[:, 1] > 1.2)) > 0.95
+    assert np.argmax(np.abs(gate.coef)) == 1
+    # a stronger penalty shrinks the coefficients; heavy weights on masks it got wrong move the rule
+    assert np.abs(Gate.fit(x, helped, l2=1000.0).coef).max() < np.abs(gate.coef).max()
+    wrong = (x[:, 1] > 1.2) & (x[:, 1] < 1.6)
+    flipped = np.where(wrong, False, helped)
+    plain = Gate.fit(x, flipped, l2=1.0)
+    heavy = Gate.fit(x, flipped, np.where(wrong, 20.0, 1.0), l2=1.0)
+    probe = np.ones((1, len(GATE_FEATURES)))
+    probe[0, 1] = 1.4
+    assert heavy.logit(probe)[0] < plain.logit(probe)[0]
+    # a gate fit on other features than this version computes is refused, by name
+    with pytest.raises(ValueError, match="calibrate it again"):
+        Gate(**{**gate.__dict__, "features": ("shift",) + GATE_FEATURES[1:-1] + ("other",)})
+
+
+def test_a_gated_grabcut_cuts_only_the_masks_its_gate_chooses():
+    rgb, disc = disc_photo()
+    _, wrong = disc_photo(radius=16)
+    coarse = np.stack([wrong, wrong]).astype(np.float32)
+    probs = coarse.copy()
+    _, moved = disc_photo(radius=17)
+    probs[1] = moved  # refinement moved the second mask by about a pixel, the first not at all
+    gated = grabcut_probs(rgb, probs.copy(), GrabCut(2, gate=shift_gate(0.5)), coarse=coarse)
+    ungated = grabcut_probs(rgb, probs.copy(), GrabCut(2))
+    np.testing.assert_array_equal(gated[0], probs[0])
+    np.testing.assert_array_equal(gated[1], ungated[1])
+    assert not np.array_equal(ungated[0], probs[0])
+    with pytest.raises(ValueError, match="coarse"):
+        grabcut_probs(rgb, probs.copy(), GrabCut(2, gate=shift_gate(0.5)))
+    # a photo larger than the gate was fitted on is not cut; in ROI mode the photo's size counts, not the crop's
+    for side, expect in ((80, gated), (79, probs)):
+        sized = GrabCut(2, gate=Gate(**{**shift_gate(0.5).__dict__, "max_side": side}))
+        assert sized.gate.covers(rgb.shape) == (side == 80)
+        np.testing.assert_array_equal(grabcut_probs(rgb, probs.copy(), sized, coarse=coarse), expect)
+    where = (slice(4, 60), slice(6, 74))
+    crops = probs[:, where[0], where[1]].copy()
+    small = GrabCut(2, gate=Gate(**{**shift_gate(0.5).__dict__, "max_side": 79}))
+    np.testing.assert_array_equal(grabcut_probs(rgb, crops.copy(), small, where, coarse[:, where[0], where[1]]), crops)
 
 
 @pytest.fixture
@@ -147,8 +232,23 @@ def test_refiner_takes_the_checkpoints_grabcut_unless_told_otherwise(grabcut_che
     # ROI mode finishes inside the box and keeps the coarse mask outside it
     roi_keeps_coarse_outside(own.refine(img, coarse, roi=True, margin=0.1), coarse, 0.1,
                              off.refine(img, coarse, roi=True, margin=0.1))
-    # a model with none in its file (the demo model, the authors' checkpoint) runs without one
+    # a model with none in its file (the authors' checkpoint) runs without one
     assert Refiner(None, allow_random=True, config="tiny", device="cpu").grabcut is False
+
+
+def test_a_checkpoints_gate_decides_per_mask_and_a_band_given_by_hand_is_not_gated(demo_checkpoint, scene):
+    img, gt, coarse = scene
+    gated = GrabCut(2, gate=shift_gate(0.0))
+    path = demo_checkpoint({"scales": [1.0], "grabcut": gated.to_dict()})
+    own = Refiner(str(path), device="cpu")
+    assert own.grabcut == gated
+    assert Refiner(str(path), device="cpu", grabcut=2).grabcut == GrabCut(2)  # by hand: every mask
+    raw = Refiner(str(path), device="cpu", grabcut="off").refine(img, coarse)
+    c = (coarse > 127).astype(np.float32)[None]
+    np.testing.assert_array_equal(own.refine(img, coarse), grabcut_probs(img, raw[None].copy(), gated, coarse=c)[0])
+    never = Refiner(str(demo_checkpoint({"scales": [1.0], "grabcut": GrabCut(2, gate=shift_gate(1e9)).to_dict()},
+                                        "never.pth")), device="cpu")
+    np.testing.assert_array_equal(never.refine(img, coarse), raw)
 
 
 def test_cli_grabcut_is_an_output_setting(grabcut_checkpoint, check_output_setting):

@@ -154,3 +154,29 @@ def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp
     assert float(cal.model.mask_gain) == pytest.approx(2.5)
     assert cal.model.meta["mask_gain_calibration"]["multiplier"] == 1.0 and cal.scales == "auto"
     assert "rounds" not in cal.model.meta and str(cal.rounds) == "1"  # one round needs no entry
+
+
+def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_into_the_model(tmp_path):
+    from crm_d2.grabcut import GrabCut
+    from crm_d2.train.synthetic import write_pairs_folder
+
+    write_pairs_folder(tmp_path / "data" / "ecssd", 60, size=(64, 80), seed=3)
+    weights = _skip_checkpoint(tmp_path, {"scales": "auto"})  # gives back its coarse mask
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_grabcut.py"), "--weights", str(weights),
+                          "--output", str(tmp_path / "gated.pth"), "--data", str(tmp_path / "data"), "--every", "1",
+                          "--band", "2", "--recipes", "8x", "16x", "--threads", "1",
+                          "--json", str(tmp_path / "g.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert len(res["rows"]) == 4 * 2  # held-out items 1, 2, 4, 5 of 6 (0 and 3 are judged), two recipes
+    never, always = res["folds"]["never"], res["folds"]["always"]
+    for recipe in ("8x", "16x"):  # the model gives back the coarse mask; the cut changes it
+        assert never[recipe]["mba"] == pytest.approx(0.0, abs=1e-9) and never[recipe]["cut"] == 0
+        assert always[recipe]["cut"] == 1 and always[recipe]["mba"] != pytest.approx(0.0, abs=1e-6)
+        rows = [r for r in res["rows"] if r["recipe"] == recipe]
+        assert always[recipe]["mba"] == pytest.approx(100 * np.mean([r["cut"][2] - r["coarse"][2] for r in rows]))
+    gated = Refiner(str(tmp_path / "gated.pth"), device="cpu")
+    assert isinstance(gated.grabcut, GrabCut) and gated.grabcut.band == 2 and gated.grabcut.gate is not None
+    assert gated.grabcut.gate.max_side == 80  # the largest photo it was fitted on
+    assert gated.model.meta["grabcut_calibration"]["dev_photos"] == 4 and gated.scales == "auto"

@@ -90,7 +90,8 @@ def main(argv=None):
         raise SystemExit(f"--floor names recipes that are not in --recipes: {sorted(unknown)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    # the GrabCut finish is never searched here (it costs good masks too much to be a model's own default)
+    # the GrabCut finish is not searched here: its gate is fitted to the calibrated model afterwards
+    # (tools/calibrate_grabcut.py), since it reads the model's output
     refiner = Refiner(args.weights, device="cpu", edge_snap="off", rounds=1, grabcut="off")
     model = refiner.model
     if not model.cfg.mask_skip:
@@ -134,7 +135,8 @@ def main(argv=None):
     meta = dict(getattr(model, "meta", {}))
     meta.pop("edge_snap", None)
     meta.pop("rounds", None)
-    meta.pop("grabcut", None)  # chosen without one
+    meta.pop("grabcut", None)  # fitted to the model before this calibration: fit it again
+    meta.pop("grabcut_calibration", None)
     if best["snap"]:
         meta["edge_snap"] = best["snap"]
     if best["rounds"]["count"] > 1:

@@ -103,7 +103,8 @@ def load_photos(items, regions=False, upscale_to=None):
 
 def crm_label(refiner):
     """The refined panel's title: "CRM", plus the photo-guided steps after the model when set."""
-    return " + ".join(["CRM"] + (["edge snap"] if refiner.edge_snap else []) + (["GrabCut"] if refiner.grabcut else []))
+    cut = ["gated GrabCut" if refiner.grabcut.gate else "GrabCut"] if refiner.grabcut else []
+    return " + ".join(["CRM"] + (["edge snap"] if refiner.edge_snap else []) + cut)
 
 
 def evaluate(refiner, photos, recipes, regions=False, write_big=None, scales=None, pictures=None,

@@ -37,9 +37,10 @@ def add_model_arguments(parser, weights_default="demo"):
     parser.add_argument("--grabcut", default=None, metavar="BAND[:ITERS[:MIN_SHIFT]]", type=grabcut_argument,
                         help="decide the pixels within BAND px of the refined boundary again with OpenCV's GrabCut "
                              "(crm_d2.grabcut), after the edge snap: BAND[:ITERS[:MIN_SHIFT]] or 'off' (default: the "
-                             "model's own; the demo model and the authors' file have none). 2 helps masks from a 16x "
-                             "lower-resolution segmenter and polygons, and costs good ones (docs/demo_model.md, "
-                             "'GrabCut finish')")
+                             "model's own: the demo model's is a 1-px band cut only where its gate predicts a gain; "
+                             "the authors' file has none). A band given here cuts every mask: 2 helps masks from a "
+                             "16x lower-resolution segmenter and polygons, and costs good ones (docs/demo_model.md, "
+                             "'GrabCut gate', 'GrabCut finish')")
 
 
 def _checked(parse, text):

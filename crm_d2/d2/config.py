@@ -56,8 +56,9 @@ def add_crm_config(cfg):
     # Refine again each segment that the last round still moved (crm_d2.schedule.Rounds): "COUNT:MIN_SHIFT";
     # "" = the checkpoint's own, as Refiner() and `crm-d2 panoptic --rounds` use when given none.
     cfg.MODEL.CRM.ROUNDS = ""
-    # GrabCut on the pixels near each refined boundary (crm_d2.grabcut): "BAND:ITERS[:MIN_SHIFT]" or "off";
-    # "" = the checkpoint's own, as Refiner() and `crm-d2 panoptic --grabcut` use when given none.
+    # GrabCut on the pixels near each refined boundary (crm_d2.grabcut): "BAND:ITERS[:MIN_SHIFT]" (every
+    # segment) or "off"; "" = the checkpoint's own (the demo model's: 1 px, gated per segment), as Refiner()
+    # and `crm-d2 panoptic --grabcut` use when given none.
     cfg.MODEL.CRM.GRABCUT = ""
     # Context around each segment's box, as a fraction of the box size.
     cfg.MODEL.CRM.ROI_MARGIN = float(core.margin)
