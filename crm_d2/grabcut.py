@@ -117,7 +117,10 @@ class GrabCut:
 
     def __post_init__(self):
         if isinstance(self.gate, dict):
-            object.__setattr__(self, "gate", Gate(**self.gate))
+            try:
+                object.__setattr__(self, "gate", Gate(**self.gate))
+            except TypeError as e:  # a key it does not have, or one missing
+                raise ValueError(f"grabcut gate: {e}") from None
         if self.gate is not None and not isinstance(self.gate, Gate):
             raise ValueError(f"grabcut gate must be a Gate or its dict, got {type(self.gate).__name__}")
         if int(self.band) != self.band or self.band < 1:

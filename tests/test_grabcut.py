@@ -119,7 +119,8 @@ def test_grabcut_values_mean_the_same_everywhere():
     assert GrabCut.parse(2) == GrabCut.parse("2") == GrabCut(band=2, iters=1) == GrabCut.parse({"band": 2})
     assert GrabCut.parse("3:2:0.25") == GrabCut(3, 2, 0.25) == GrabCut.parse(str(GrabCut(3, 2, 0.25)))
     assert str(GrabCut(2)) == "2:1"
-    for bad in ("x", "2:1:0.1:9", "0", -1, True, 1.5, {"width": 2}, "2:0", "2:1:-1", {"band": 1, "gate": 3}):
+    for bad in ("x", "2:1:0.1:9", "0", -1, True, 1.5, {"width": 2}, "2:0", "2:1:-1", {"band": 1, "gate": 3},
+                {"band": 1, "gate": {"mean": [0.0]}}):
         with pytest.raises(ValueError, match="grabcut"):
             GrabCut.parse(bad)
     # a gate comes only with a checkpoint's dict, and is written as such
