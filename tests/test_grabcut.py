@@ -96,21 +96,30 @@ def test_grabcut_probs_flips_sides_keeping_confidence_and_works_on_crops():
         np.testing.assert_array_equal(grabcut_probs(rgb, flat.copy(), GrabCut(2)), flat)
 
 
-def test_min_shift_finishes_only_masks_that_refinement_moved():
-    rgb, disc = disc_photo()
+def kept_and_moved():
+    """The disc photo, two coarse masks 2 px inside the disc, and refined masks: the first where it was, the
+    second moved by about a pixel."""
+    rgb, _ = disc_photo()
     _, wrong = disc_photo(radius=16)
     coarse = np.stack([wrong, wrong]).astype(np.float32)
     probs = coarse.copy()
-    _, moved_once = disc_photo(radius=17)
-    probs[1] = moved_once  # refinement moved the second mask by about a pixel, the first not at all
+    probs[1] = disc_photo(radius=17)[1]
     assert boundary_shift(probs[0], coarse[0]) == 0 and boundary_shift(probs[1], coarse[1]) > 0.5
-    gated = grabcut_probs(rgb, probs.copy(), GrabCut(2, min_shift=0.5), coarse=coarse)
-    ungated = grabcut_probs(rgb, probs.copy(), GrabCut(2))
-    np.testing.assert_array_equal(gated[0], probs[0])  # kept
-    np.testing.assert_array_equal(gated[1], ungated[1])  # finished as without the gate
-    assert not np.array_equal(ungated[0], probs[0])  # and the gate is what kept the first one
+    return rgb, coarse, probs
+
+
+@pytest.mark.parametrize("chooser", ["min_shift", "gate"])
+def test_min_shift_and_a_gate_finish_only_the_masks_they_choose(chooser):
+    rgb, coarse, probs = kept_and_moved()
+    # both choose the mask that refinement moved by more than 0.5 px: min_shift by rule, the gate by its logit
+    opt = GrabCut(2, min_shift=0.5) if chooser == "min_shift" else GrabCut(2, gate=shift_gate(0.5))
+    chosen = grabcut_probs(rgb, probs.copy(), opt, coarse=coarse)
+    every = grabcut_probs(rgb, probs.copy(), GrabCut(2))
+    np.testing.assert_array_equal(chosen[0], probs[0])  # kept
+    np.testing.assert_array_equal(chosen[1], every[1])  # finished as without a choice
+    assert not np.array_equal(every[0], probs[0])  # and the choice is what kept the first one
     with pytest.raises(ValueError, match="coarse"):
-        grabcut_probs(rgb, probs.copy(), GrabCut(2, min_shift=0.5))
+        grabcut_probs(rgb, probs.copy(), opt)
 
 
 def test_grabcut_values_mean_the_same_everywhere():
@@ -185,29 +194,19 @@ def test_gate_fit_learns_a_rule_from_examples_and_weights_count():
         Gate(**{**gate.__dict__, "features": ("shift",) + GATE_FEATURES[1:-1] + ("other",)})
 
 
-def test_a_gated_grabcut_cuts_only_the_masks_its_gate_chooses():
-    rgb, disc = disc_photo()
-    _, wrong = disc_photo(radius=16)
-    coarse = np.stack([wrong, wrong]).astype(np.float32)
-    probs = coarse.copy()
-    _, moved = disc_photo(radius=17)
-    probs[1] = moved  # refinement moved the second mask by about a pixel, the first not at all
+def test_a_gate_does_not_cut_photos_larger_than_it_was_fitted_on():
+    rgb, coarse, probs = kept_and_moved()
     gated = grabcut_probs(rgb, probs.copy(), GrabCut(2, gate=shift_gate(0.5)), coarse=coarse)
-    ungated = grabcut_probs(rgb, probs.copy(), GrabCut(2))
-    np.testing.assert_array_equal(gated[0], probs[0])
-    np.testing.assert_array_equal(gated[1], ungated[1])
-    assert not np.array_equal(ungated[0], probs[0])
-    with pytest.raises(ValueError, match="coarse"):
-        grabcut_probs(rgb, probs.copy(), GrabCut(2, gate=shift_gate(0.5)))
     # a photo larger than the gate was fitted on is not cut; in ROI mode the photo's size counts, not the crop's
     for side, expect in ((80, gated), (79, probs)):
         sized = GrabCut(2, gate=Gate(**{**shift_gate(0.5).__dict__, "max_side": side}))
         assert sized.gate.covers(rgb.shape) == (side == 80)
         np.testing.assert_array_equal(grabcut_probs(rgb, probs.copy(), sized, coarse=coarse), expect)
     where = (slice(4, 60), slice(6, 74))
-    crops = probs[:, where[0], where[1]].copy()
-    small = GrabCut(2, gate=Gate(**{**shift_gate(0.5).__dict__, "max_side": 79}))
-    np.testing.assert_array_equal(grabcut_probs(rgb, crops.copy(), small, where, coarse[:, where[0], where[1]]), crops)
+    crops, coarse_crops = probs[:, where[0], where[1]].copy(), coarse[:, where[0], where[1]]
+    for side, cut in ((80, True), (79, False)):
+        sized = GrabCut(2, gate=Gate(**{**shift_gate(0.5).__dict__, "max_side": side}))
+        assert np.array_equal(grabcut_probs(rgb, crops.copy(), sized, where, coarse_crops), crops) != cut
 
 
 @pytest.fixture
