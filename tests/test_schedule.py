@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -138,6 +139,10 @@ def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp
     judged = {it.image for it in heldout_items(tmp_path / "data", every=3)}
     dev = dev_items(tmp_path / "data", every=1)
     assert len(dev) == 2 and not judged & {it.image for it in dev}  # held-out items 1 and 2 (0 and 3 are judged)
+    write_pairs_folder(tmp_path / "data" / "pascal-s", 20, size=(64, 80), seed=4)  # two more development photos
+    extra = [it for it in dev_items(tmp_path / "data", every=1) if "pascal-s" in it.name]
+    assert len(extra) == 2
+    cv2.imwrite(str(extra[0].mask), np.zeros((64, 80), np.uint8))  # one of them empty: skipped, not a crash
     # the skip-only model returns its coarse mask (gain 2.5); x0 would trust it not at all (p = 0.5 everywhere)
     weights = _skip_checkpoint(tmp_path, {"scales": "auto"})
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_skip.py"), "--weights", str(weights),
@@ -160,7 +165,12 @@ def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_i
     from crm_d2.grabcut import GrabCut
     from crm_d2.train.synthetic import write_pairs_folder
 
-    write_pairs_folder(tmp_path / "data" / "ecssd", 60, size=(64, 80), seed=3)
+    write_pairs_folder(tmp_path / "data" / "ecssd", 70, size=(64, 80), seed=3)
+    sys.path.insert(0, str(ROOT / "tools"))
+    from heldout_eval import dev_items
+
+    empty = dev_items(tmp_path / "data", every=1)[-1].mask  # a development photo with nothing in its mask is skipped
+    cv2.imwrite(str(empty), np.zeros((64, 80), np.uint8))
     weights = _skip_checkpoint(tmp_path, {"scales": "auto"})  # gives back its coarse mask
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_grabcut.py"), "--weights", str(weights),
                           "--output", str(tmp_path / "gated.pth"), "--data", str(tmp_path / "data"), "--every", "1",
@@ -169,7 +179,7 @@ def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_i
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "g.json").read_text())
-    assert len(res["rows"]) == 4 * 2  # held-out items 1, 2, 4, 5 of 6 (0 and 3 are judged), two recipes
+    assert len(res["rows"]) == 3 * 2  # held-out items 1, 2, 4 (0, 3, 6 are judged; 5 is empty), two recipes
     never, always = res["folds"]["never"], res["folds"]["always"]
     for recipe in ("8x", "16x"):  # the model gives back the coarse mask; the cut changes it
         assert never[recipe]["mba"] == pytest.approx(0.0, abs=1e-9) and never[recipe]["cut"] == 0

@@ -40,6 +40,8 @@ def measure(refiner, photos, recipes, cut):
     """One row per mask: recipe, photo index, features, and (i, u, mBA) of the coarse, refined and cut masks."""
     rows = []
     for k, (name, image, gts) in enumerate(tqdm(photos, desc="development photos")):
+        if not gts:  # an empty ground truth (load_photos drops empty masks) has no boundary to score
+            continue
         bgr = np.ascontiguousarray(image[..., ::-1])
         for recipe in recipes:
             coarse = [coarse_mask(g, recipe, k) for g in gts]

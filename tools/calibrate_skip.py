@@ -57,6 +57,8 @@ def score(photos, refined, recipes, snap):
     """{recipe: summary} of the stored refinements after `snap`."""
     meters = {r: RefinementMetrics() for r in recipes}
     for (name, image, gts), per_recipe in zip(photos, refined):
+        if per_recipe is None:
+            continue
         for recipe in recipes:
             coarse, probs = per_recipe[recipe]
             probs = snap_probs(image, probs.copy(), snap, coarse=np.stack(coarse))
@@ -107,7 +109,10 @@ def main(argv=None):
             model.mask_gain.fill_(learned * mult)
         refiner.rounds = Rounds.parse(rounds)
         refined = []
-        for k, (name, image, gts) in enumerate(photos):
+        for k, (name, image, gts) in enumerate(photos):  # k seeds the polygons, as in heldout_eval
+            if not gts:  # an empty ground truth (load_photos drops empty masks) has no boundary to score
+                refined.append(None)
+                continue
             per_recipe = {}
             for recipe in args.recipes:
                 coarse = [coarse_mask(g, recipe, k) for g in gts]
