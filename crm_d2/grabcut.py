@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import cv2
 import numpy as np
 
-from .inputs import parse_option
+from .inputs import check_option_fields, parse_option
 from .schedule import boundary_shift
 
 __all__ = ["GATE_FEATURES", "Gate", "GrabCut", "gate_features", "grabcut_mask", "grabcut_probs"]
@@ -123,12 +123,7 @@ class GrabCut:
                 raise ValueError(f"grabcut gate: {e}") from None
         if self.gate is not None and not isinstance(self.gate, Gate):
             raise ValueError(f"grabcut gate must be a Gate or its dict, got {type(self.gate).__name__}")
-        if int(self.band) != self.band or self.band < 1:
-            raise ValueError(f"grabcut band must be a whole number >= 1, got {self.band}")
-        if int(self.iters) != self.iters or self.iters < 1:
-            raise ValueError(f"grabcut iters must be a whole number >= 1, got {self.iters}")
-        if not self.min_shift >= 0:
-            raise ValueError(f"grabcut min_shift must be >= 0, got {self.min_shift}")
+        check_option_fields(self, "grabcut", counts=("band", "iters"), non_negative=("min_shift",))
 
     @classmethod
     def parse(cls, value):

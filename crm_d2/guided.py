@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from .inputs import parse_option
+from .inputs import check_option_fields, parse_option
 from .schedule import boundary_shift
 
 __all__ = ["EdgeSnap", "guided_filter", "snap_probs", "boundary_shift"]
@@ -36,14 +36,9 @@ class EdgeSnap:
     min_shift: float = 0.0
 
     def __post_init__(self):
-        if int(self.radius) != self.radius or self.radius < 1:
-            raise ValueError(f"edge snap radius must be a whole number >= 1, got {self.radius}")
+        check_option_fields(self, "edge snap", counts=("radius", "passes"), non_negative=("min_shift",))
         if not self.eps > 0:
             raise ValueError(f"edge snap eps must be > 0, got {self.eps}")
-        if int(self.passes) != self.passes or self.passes < 1:
-            raise ValueError(f"edge snap passes must be a whole number >= 1, got {self.passes}")
-        if not self.min_shift >= 0:
-            raise ValueError(f"edge snap min_shift must be >= 0, got {self.min_shift}")
 
     @classmethod
     def parse(cls, value):

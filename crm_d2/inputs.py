@@ -96,6 +96,19 @@ def format_output(probs, output):
     return probs
 
 
+def check_option_fields(opt, what, counts=(), non_negative=()):
+    """The range checks the option dataclasses share, with the one-line error each names `what` in: fields in
+    `counts` are whole numbers >= 1, fields in `non_negative` are >= 0 (NaN is refused)."""
+    for name in counts:
+        value = getattr(opt, name)
+        if int(value) != value or value < 1:
+            raise ValueError(f"{what} {name} must be a whole number >= 1, got {value}")
+    for name in non_negative:
+        value = getattr(opt, name)
+        if not value >= 0:
+            raise ValueError(f"{what} {name} must be >= 0, got {value}")
+
+
 def option_text(opt):
     """The one written form of a parsed option (edge snap, GrabCut, rounds): "off" or its own A:B:... text, so
     run records and reports compare equal however the option was spelt."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .inputs import parse_option
+from .inputs import check_option_fields, parse_option
 
 DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)  # the release's schedule (and the authors' checkpoint's)
 AUTO_BASE = 512  # "auto" schedule: the first stage's long side, about what a checkpoint was trained on
@@ -65,10 +65,7 @@ class Rounds:
     min_shift: float = 0.0
 
     def __post_init__(self):
-        if int(self.count) != self.count or self.count < 1:
-            raise ValueError(f"rounds must be a whole number >= 1, got {self.count}")
-        if not self.min_shift >= 0:
-            raise ValueError(f"rounds min_shift must be >= 0, got {self.min_shift}")
+        check_option_fields(self, "rounds", counts=("count",), non_negative=("min_shift",))
 
     @classmethod
     def parse(cls, value):

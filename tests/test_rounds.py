@@ -1,5 +1,6 @@
 """Rounds (crm_d2.schedule.Rounds): refining again the masks that are still moving, and how the Refiner, the CLI
 and a checkpoint choose it."""
+import math
 from types import SimpleNamespace
 
 import cv2
@@ -19,7 +20,7 @@ def test_rounds_values_mean_the_same_everywhere():
     assert Rounds.parse(str(Rounds(3, 0.3))) == Rounds(3, 0.3) and str(Rounds(3, 0.3)) == "3:0.3"
     assert str(Rounds(2)) == "2" and str(Rounds(1, 0.3)) == "1"  # one round has no gate to write
     assert Rounds.parse(Rounds(2).to_dict()) == Rounds(2)
-    for bad in ("x", "0", "3:0.3:1", "2:-1", 0, True, 1.5, {"rounds": 2}, "1.5"):
+    for bad in ("x", "0", "3:0.3:1", "2:-1", 0, True, 1.5, {"rounds": 2}, "1.5", {"count": 2, "min_shift": math.nan}):
         with pytest.raises(ValueError, match="rounds"):
             Rounds.parse(bad)
 
