@@ -18,7 +18,7 @@ import numpy as np
 from .inputs import check_option_fields, parse_option
 from .schedule import boundary_shift
 
-__all__ = ["GATE_FEATURES", "Gate", "GrabCut", "gate_features", "grabcut_mask", "grabcut_probs"]
+__all__ = ["GATE_FEATURES", "Gate", "GrabCut", "gate_features", "grabcut_mask", "grabcut_probs", "photo_gradient"]
 
 # Pixels around the band whose colours feed the object and background models. Local colours separate an object
 # from what touches it better than the whole photo's, and the graph stays small at 4K.
@@ -182,13 +182,22 @@ def _outline(mask):
     return m != cv2.erode(m, None)
 
 
-def gate_features(rgb, prob, coarse, cut):
+def photo_gradient(rgb):
+    """The H x W gradient magnitude of an RGB uint8 photo in CIELAB (Sobel): what the gate calls an edge."""
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB).astype(np.float32)
+    return np.sqrt(sum(cv2.Sobel(lab[..., i], cv2.CV_32F, 1, 0) ** 2 + cv2.Sobel(lab[..., i], cv2.CV_32F, 0, 1) ** 2
+                       for i in range(3)))
+
+
+def gate_features(rgb, prob, coarse, cut, gradient=None):
     """What a `Gate` reads for one mask (GATE_FEATURES, in order), on the H x W x 3 uint8 RGB photo or the crop
     that the masks cover: prob, the refined probability; coarse, the mask refinement started from (> 0.5 is in);
     cut, GrabCut's bool mask. How far the model and the cut moved the mask and how unsure the model is (per pixel
     of boundary); how the photo's gradient (CIELAB, Sobel) on the refined boundary compares with the band around
     it and with the gradient on the coarse and the cut boundaries; how much the coarse mask changes when blurred
-    (2 and 4 px), which is little for a mask from a low-resolution segmenter."""
+    (2 and 4 px), which is little for a mask from a low-resolution segmenter. `gradient`: `photo_gradient(rgb)`,
+    when the caller has it (one per photo rather than one per mask); otherwise it is made on the masks' box,
+    which gives the same numbers."""
     fg, was = prob > 0.5, coarse > 0.5
     ys, xs = np.nonzero(fg | was | cut)
     if ys.size == 0:
@@ -197,9 +206,7 @@ def gate_features(rgb, prob, coarse, cut):
     box = (slice(max(0, ys.min() - margin), ys.max() + margin + 1),
            slice(max(0, xs.min() - margin), xs.max() + margin + 1))
     fg, was, cut, prob = fg[box], was[box], cut[box], prob[box]
-    lab = cv2.cvtColor(np.ascontiguousarray(rgb[box]), cv2.COLOR_RGB2LAB).astype(np.float32)
-    grad = np.sqrt(sum(cv2.Sobel(lab[..., i], cv2.CV_32F, 1, 0) ** 2 + cv2.Sobel(lab[..., i], cv2.CV_32F, 0, 1) ** 2
-                       for i in range(3)))
+    grad = photo_gradient(rgb[box]) if gradient is None else gradient[box]
     on_fg, on_was, on_cut = _outline(fg), _outline(was), _outline(cut)
     length, was_length = max(1, np.count_nonzero(on_fg)), max(1, np.count_nonzero(on_was))
 
@@ -241,12 +248,13 @@ def grabcut_probs(rgb, probs, opt, where=None, coarse=None):
         return probs
     rgb = rgb if where is None else rgb[where]
     bgr = np.ascontiguousarray(rgb[..., ::-1])
+    gradient = photo_gradient(rgb) if opt.gate and len(probs) > 1 else None  # one per photo, not per mask
     for k, p in enumerate(probs):
         if opt.min_shift and boundary_shift(p, coarse[k]) < opt.min_shift:
             continue
         fg = p > 0.5
         cut = grabcut_mask(bgr, fg, opt.band, opt.iters)
-        if opt.gate and opt.gate.logit(gate_features(rgb, p, coarse[k], cut)) <= 0:
+        if opt.gate and opt.gate.logit(gate_features(rgb, p, coarse[k], cut, gradient)) <= 0:
             continue
         moved = cut != fg
         flipped = 1.0 - p[moved]

@@ -5,7 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from crm_d2.grabcut import GATE_FEATURES, Gate, GrabCut, gate_features, grabcut_mask, grabcut_probs
+from crm_d2.grabcut import (GATE_FEATURES, Gate, GrabCut, gate_features, grabcut_mask, grabcut_probs,
+                            photo_gradient)
 from crm_d2.metrics import iou
 from crm_d2.refiner import Refiner
 from crm_d2.schedule import boundary_shift
@@ -168,6 +169,9 @@ def test_gate_features_say_how_far_a_mask_is_and_where_the_photos_edge_is():
     np.testing.assert_allclose(gate_features(rgb[where], small[where].astype(np.float32),
                                              disc[where].astype(np.float32), cut[where]),
                                list(f.values()), rtol=1e-5)
+    # and the same with the photo's gradient made once for every mask, as grabcut_probs does
+    np.testing.assert_array_equal(gate_features(rgb, small.astype(np.float32), disc.astype(np.float32), cut,
+                                                photo_gradient(rgb)), list(f.values()))
     assert not gate_features(rgb, np.zeros((64, 80), np.float32), np.zeros((64, 80), np.float32),
                              np.zeros((64, 80), bool)).any()
 
