@@ -202,3 +202,22 @@ def roi_keeps_coarse_outside():
         assert np.abs(roi_out - other_roi_out).max() > 0
 
     return check
+
+
+@pytest.fixture
+def finishes_only_the_chosen_mask():
+    """check(finish, rgb, probs, coarse, choosing, every): a finish step (`snap_probs`, `grabcut_probs`) whose
+    option `choosing` picks masks (min_shift, a gate) keeps probs[0], which refinement left where it was, and
+    finishes probs[1] as the option choosing none (`every`) does; `every` would have changed probs[0], so the
+    choice is what kept it; and without the coarse masks the choosing option is refused."""
+
+    def check(finish, rgb, probs, coarse, choosing, every):
+        chosen = finish(rgb, probs.copy(), choosing, coarse=coarse)
+        all_finished = finish(rgb, probs.copy(), every)
+        np.testing.assert_array_equal(chosen[0], probs[0])
+        np.testing.assert_array_equal(chosen[1], all_finished[1])
+        assert not np.array_equal(all_finished[0], probs[0])
+        with pytest.raises(ValueError, match="coarse"):
+            finish(rgb, probs.copy(), choosing)
+
+    return check

@@ -110,17 +110,11 @@ def kept_and_moved():
 
 
 @pytest.mark.parametrize("chooser", ["min_shift", "gate"])
-def test_min_shift_and_a_gate_finish_only_the_masks_they_choose(chooser):
+def test_min_shift_and_a_gate_finish_only_the_masks_they_choose(chooser, finishes_only_the_chosen_mask):
     rgb, coarse, probs = kept_and_moved()
     # both choose the mask that refinement moved by more than 0.5 px: min_shift by rule, the gate by its logit
     opt = GrabCut(2, min_shift=0.5) if chooser == "min_shift" else GrabCut(2, gate=shift_gate(0.5))
-    chosen = grabcut_probs(rgb, probs.copy(), opt, coarse=coarse)
-    every = grabcut_probs(rgb, probs.copy(), GrabCut(2))
-    np.testing.assert_array_equal(chosen[0], probs[0])  # kept
-    np.testing.assert_array_equal(chosen[1], every[1])  # finished as without a choice
-    assert not np.array_equal(every[0], probs[0])  # and the choice is what kept the first one
-    with pytest.raises(ValueError, match="coarse"):
-        grabcut_probs(rgb, probs.copy(), opt)
+    finishes_only_the_chosen_mask(grabcut_probs, rgb, probs, coarse, opt, GrabCut(2))
 
 
 def test_grabcut_values_mean_the_same_everywhere():

@@ -102,7 +102,7 @@ def test_snap_on_the_active_box_equals_the_whole_image_and_roi_crops():
     np.testing.assert_array_equal(snap_probs(rgb, zeros, snap), 0)
 
 
-def test_min_shift_snaps_only_masks_that_refinement_moved():
+def test_min_shift_snaps_only_masks_that_refinement_moved(finishes_only_the_chosen_mask):
     rgb = edge_photo()
     coarse = np.zeros((2, 40, 48), np.float32)
     coarse[:, 5:35, 25:] = 1  # boundary 1 px right of the photo's edge at x = 24
@@ -111,14 +111,8 @@ def test_min_shift_snaps_only_masks_that_refinement_moved():
     assert boundary_shift(probs[0], coarse[0]) == 0
     assert boundary_shift(probs[1], coarse[1]) == pytest.approx(30 / np.count_nonzero(
         coarse[1] != cv2.erode(coarse[1], None)))
-    gated = EdgeSnap(1, 2, 0.003, min_shift=0.2)
-    out = snap_probs(rgb, probs.copy(), gated, coarse=coarse)
-    np.testing.assert_array_equal(out[0], probs[0])  # kept: refinement left it where it was
-    ungated = snap_probs(rgb, probs.copy(), EdgeSnap(1, 2, 0.003))
-    np.testing.assert_array_equal(out[1], ungated[1])  # snapped as without the gate
-    assert not np.array_equal(ungated[0], probs[0])  # and the gate is what kept the first one
-    with pytest.raises(ValueError, match="coarse"):
-        snap_probs(rgb, probs.copy(), gated)
+    finishes_only_the_chosen_mask(snap_probs, rgb, probs, coarse, EdgeSnap(1, 2, 0.003, min_shift=0.2),
+                                  EdgeSnap(1, 2, 0.003))
 
 
 def test_edge_snap_values_mean_the_same_everywhere():
