@@ -101,12 +101,20 @@ def check_option_fields(opt, what, counts=(), non_negative=()):
     `counts` are whole numbers >= 1, fields in `non_negative` are >= 0 (NaN is refused)."""
     for name in counts:
         value = getattr(opt, name)
-        if int(value) != value or value < 1:
-            raise ValueError(f"{what} {name} must be a whole number >= 1, got {value}")
+        try:
+            whole = int(value) == value
+        except (TypeError, ValueError, OverflowError):  # None, text, NaN, infinity
+            whole = False
+        if not whole or value < 1:
+            raise ValueError(f"{what} {name} must be a whole number >= 1, got {value!r}")
     for name in non_negative:
         value = getattr(opt, name)
-        if not value >= 0:
-            raise ValueError(f"{what} {name} must be >= 0, got {value}")
+        try:
+            ok = bool(value >= 0)
+        except TypeError:  # None, text
+            ok = False
+        if not ok:
+            raise ValueError(f"{what} {name} must be >= 0, got {value!r}")
 
 
 def option_text(opt):

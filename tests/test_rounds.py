@@ -20,7 +20,8 @@ def test_rounds_values_mean_the_same_everywhere():
     assert Rounds.parse(str(Rounds(3, 0.3))) == Rounds(3, 0.3) and str(Rounds(3, 0.3)) == "3:0.3"
     assert str(Rounds(2)) == "2" and str(Rounds(1, 0.3)) == "1"  # one round has no gate to write
     assert Rounds.parse(Rounds(2).to_dict()) == Rounds(2)
-    for bad in ("x", "0", "3:0.3:1", "2:-1", 0, True, 1.5, {"rounds": 2}, "1.5", {"count": 2, "min_shift": math.nan}):
+    for bad in ("x", "0", "3:0.3:1", "2:-1", 0, True, 1.5, {"rounds": 2}, "1.5", {"count": 2, "min_shift": math.nan},
+                {"count": math.nan}, {"count": None}, {"count": math.inf}, {"count": 2, "min_shift": None}):
         with pytest.raises(ValueError, match="rounds"):
             Rounds.parse(bad)
 
