@@ -243,7 +243,9 @@ def test_a_checkpoints_gate_decides_per_mask_and_a_band_given_by_hand_is_not_gat
     assert Refiner(str(path), device="cpu", grabcut=2).grabcut == GrabCut(2)  # by hand: every mask
     raw = Refiner(str(path), device="cpu", grabcut="off").refine(img, coarse)
     c = (coarse > 127).astype(np.float32)[None]
-    np.testing.assert_array_equal(own.refine(img, coarse), grabcut_probs(img, raw[None].copy(), gated, coarse=c)[0])
+    finished = own.refine(img, coarse)
+    np.testing.assert_array_equal(finished, grabcut_probs(img, raw[None].copy(), gated, coarse=c)[0])
+    assert not np.array_equal(finished, raw)  # this gate let the cut through
     never = Refiner(str(demo_checkpoint({"scales": [1.0], "grabcut": GrabCut(2, gate=shift_gate(1e9)).to_dict()},
                                         "never.pth")), device="cpu")
     np.testing.assert_array_equal(never.refine(img, coarse), raw)
