@@ -67,10 +67,10 @@ class CRMConfig:
 
     @classmethod
     def from_dict(cls, d):
+        """A config from a dict of fields; a `preset` name gives the defaults that the other keys override."""
         d = dict(d)
-        if "preset" in d:
-            base = cls.PRESETS[d.pop("preset")] if d.get("preset") else {}
-            d = {**base, **d}
+        name = d.pop("preset", None)
+        d = {**(cls.preset(name).to_dict() if name else {}), **d}
         unknown = set(d) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ValueError(f"unknown CRM config keys: {sorted(unknown)}")

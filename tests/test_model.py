@@ -35,8 +35,11 @@ def test_config_round_trip_and_errors():
     cfg = CRMConfig.preset("tiny")
     assert CRMConfig.from_dict(cfg.to_dict()) == cfg
     assert CRMConfig.from_dict({"preset": "tiny", "hidden": 16}).hidden == 16
+    assert CRMConfig.from_dict({"preset": None, "width": 8}) == CRMConfig(width=8)
     with pytest.raises(ValueError, match="unknown CRM preset"):
         CRMConfig.preset("r101")
+    with pytest.raises(ValueError, match="unknown CRM preset 'r51'"):
+        CRMConfig.from_dict({"preset": "r51"})
     with pytest.raises(ValueError, match="unknown CRM config keys"):
         CRMConfig.from_dict({"widht": 3})
 

@@ -187,7 +187,4 @@ def model_config(cfg):
     m.pop("init", None)
     m.pop("weights", None)
     m.pop("freeze", None)
-    preset = m.pop("preset", None)
-    base = CRMConfig.preset(preset).to_dict() if preset else CRMConfig().to_dict()
-    base.update({k: v for k, v in m.items() if v is not None})
-    return CRMConfig.from_dict(base)
+    return CRMConfig.from_dict({k: v for k, v in m.items() if v is not None})
