@@ -34,6 +34,8 @@ def to_rgb_array(image, bgr=False):
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be HxWx3 (RGB), got shape {image.shape}")
     if image.dtype != np.uint8:
+        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+            raise ValueError("image contains NaN or infinite values")
         if not np.issubdtype(image.dtype, np.floating) or image.min() < 0 or image.max() > 1:
             raise ValueError(f"image must be uint8 0..255 or float in [0, 1], got {image.dtype} "
                              f"in [{image.min()}, {image.max()}]")

@@ -61,6 +61,8 @@ class Refiner(FastMode):
     def __init__(self, weights="demo", device=None, scales=None, memory_budget=512 << 20, max_batch=8,
                  amp=False, allow_random=False, config=None, mode="exact", fast=None, edge_snap=None,
                  rounds=None, grabcut=None):
+        if mode not in ("exact", "fast"):
+            raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -77,7 +79,7 @@ class Refiner(FastMode):
             p.requires_grad_(False)
         # A checkpoint may say which schedule it was validated with (the demo model: "auto" from 1024 px).
         meta = getattr(self.model, "meta", {})
-        scales = scales or meta.get("scales") or DEFAULT_SCALES
+        scales = (meta.get("scales") or DEFAULT_SCALES) if scales is None else scales
         self.scales = self._check_scales(scales)
         self.auto_base = int(meta.get("auto_base", AUTO_BASE))
         snap = EdgeSnap.parse(edge_snap)
@@ -89,8 +91,6 @@ class Refiner(FastMode):
         self.memory_budget = int(memory_budget)
         self.max_batch = max(1, int(max_batch))
         self.amp = bool(amp)
-        if mode not in ("exact", "fast"):
-            raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
         self.mode = mode
         self.fast = fast or FastOptions()
         self.profile = None  # set to a list to collect per-stage timings (tools/benchmark.py)

@@ -22,7 +22,8 @@ def auto_scales(long_side, base=AUTO_BASE):
 
 def stage_scales(scales, padded_shape, max_side=None, base=AUTO_BASE, min_side=None):
     """Encoder scales for one input: "auto" is resolved on the input's size (`auto_scales`); `max_side` caps
-    the encoder's input long side (decoding stays at full resolution, which is what makes the cap cheap);
+    the encoder's input long side (None or 0: no cap; decoding stays at full resolution, which is what makes
+    the cap cheap);
     consecutive duplicates after capping are run once. `min_side` drops the leading stages whose input long
     side would be below it (the last stage always runs): the released ratios start at 1/8, which for a 100-px
     segment (a 264-px padded ROI) is a 33-px encoder input that costs a full-resolution decode and carries no information."""
@@ -31,8 +32,10 @@ def stage_scales(scales, padded_shape, max_side=None, base=AUTO_BASE, min_side=N
     scales = tuple(scales)
     if min_side:
         scales = tuple(s for s in scales[:-1] if s * max(padded_shape) >= min_side) + scales[-1:]
-    if max_side is None:
+    if not max_side:
         return scales
+    if max_side < 1:
+        raise ValueError(f"max_side must be a number of pixels >= 1 (or 0/None for no cap), got {max_side}")
     cap = max_side / max(padded_shape)
     out = []
     for s in scales:

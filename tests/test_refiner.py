@@ -137,6 +137,7 @@ def test_empty_and_full_masks(refiner, scene):
         (np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1)), "at least 33 pixels"),
         (np.zeros((50, 60), np.uint8), np.zeros((50, 60)), "HxWx3"),
         (np.full((50, 60, 3), 300.0), np.zeros((50, 60)), "uint8"),
+        (np.full((50, 60, 3), np.nan), np.zeros((50, 60)), "NaN"),
     ],
 )
 def test_bad_input_messages(refiner, image, mask, message):
@@ -160,6 +161,12 @@ def test_bad_arguments(refiner, scene):
         refiner.refine(img, coarse, output="logits")
     with pytest.raises(ValueError, match="scales"):
         refiner.refine(img, coarse, scales=[])
+    with pytest.raises(ValueError, match="scales must be a non-empty"):
+        Refiner(weights=None, allow_random=True, config="tiny", scales=[])
+    with pytest.raises(ValueError, match="mode must be"):
+        Refiner(weights="/nonexistent/crm.pth", mode="quick")  # the argument is checked before any file is read
+    with pytest.raises(ValueError, match="max_side must be"):
+        refiner.refine(img, coarse, max_side=-8)
     with pytest.raises(ValueError, match="no masks"):
         refiner.refine_batch(img, [])
     with pytest.raises(ValueError, match="needs weights"):

@@ -26,6 +26,9 @@ def test_auto_schedule_starts_near_the_training_resolution_and_doubles():
     assert auto_scales(1088, base=256) == (0.25, 0.5, 1.0)
     assert stage_scales("auto", (1000, 2112), None) == (0.25, 0.5, 1.0)
     assert stage_scales("auto", (1000, 2112), max_side=528) == (0.25,)  # capped like any schedule
+    assert stage_scales((0.5, 1.0), (400, 400), max_side=0) == (0.5, 1.0)  # 0, as the CLI's and D2's: no cap
+    with pytest.raises(ValueError, match="max_side must be"):
+        stage_scales((0.5, 1.0), (400, 400), max_side=-1)
 
 
 def test_stages_below_a_useful_size_are_skipped_in_roi_mode():

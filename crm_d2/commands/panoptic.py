@@ -61,7 +61,7 @@ def add_refine_arguments(parser, weights_default=None, instances=False):
 
 def options_from_args(args):
     return SegmentRefineOptions(targets=getattr(args, "targets", SegmentRefineOptions.targets),
-                                min_area=args.min_area, margin=args.margin, max_side=args.max_side or None,
+                                min_area=args.min_area, margin=args.margin, max_side=args.max_side,
                                 scales=args.scales, batch_size=args.batch_size, merge=args.merge,
                                 band=args.band or None, drop_empty=args.drop_empty)
 

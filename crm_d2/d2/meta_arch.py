@@ -101,7 +101,7 @@ class CRMRefinementMixin:
         self.crm_input_format = cfg.INPUT.FORMAT
         self.crm_options = SegmentRefineOptions(
             targets=c.TARGETS, min_area=int(c.MIN_AREA), margin=float(c.ROI_MARGIN),
-            max_side=int(c.MAX_SIDE) or None, batch_size=int(c.BATCH_SIZE), merge=c.MERGE,
+            max_side=int(c.MAX_SIDE), batch_size=int(c.BATCH_SIZE), merge=c.MERGE,
             band=float(c.BAND) or None, drop_empty=bool(c.DROP_EMPTY),
         )
         refiner = None

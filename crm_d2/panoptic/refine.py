@@ -25,7 +25,7 @@ class SegmentRefineOptions:
     targets: "things", "stuff" or "both". min_area: segments smaller than this (pixels) keep their mask (CRM has
     too little to work with and PQ of tiny segments is noise). margin: context around each segment's box, as a
     fraction of the box size on each side (Refiner.refine_batch's `margin`). max_side: encoder input long-side
-    cap per ROI (None = no cap). scales: refinement scales or "auto" (None = the refiner's). batch_size: segments
+    cap per ROI (None or 0 = no cap). scales: refinement scales or "auto" (None = the refiner's). batch_size: segments
     per refine_batch call (memory: batch_size full-size float maps). merge: rule name from merge.MERGE_RULES.
     threshold: refined probability above which a segment claims a pixel. band: refinement may only change pixels
     within this distance of the segment's coarse boundary, as a fraction of the image's long side (None = no
