@@ -130,10 +130,12 @@ class Refiner(FastMode):
         masks = to_mask_stack(masks, image.shape[:2])
         probs = np.zeros(masks.shape, np.float32)
         img_t = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None]
+        # an empty mask refines to zeros (the release's guard) at every stage: it is not run
+        live = np.flatnonzero(masks.reshape(len(masks), -1).any(1))
         if roi:
             groups = {}
-            for i, m in enumerate(masks):
-                box = roi_box(m, margin)
+            for i in live:
+                box = roi_box(masks[i], margin)
                 if box is None or box.shape == image.shape[:2]:
                     box = RoiBox(0, image.shape[0], 0, image.shape[1])
                 groups.setdefault(box.shape, []).append((i, box))
@@ -149,10 +151,10 @@ class Refiner(FastMode):
                         probs[i] = masks[i]
                         probs[i][b.slices] = self._finish(image, p[None], coarse[None], b.slices)[0]
         else:
-            for start in range(0, len(masks), self.max_batch):
-                chunk = masks[start : start + self.max_batch]
-                probs[start : start + self.max_batch] = self._finish(
-                    image, self._run_rounds(img_t, chunk, scales, max_side), chunk)
+            for start in range(0, len(live), self.max_batch):
+                part = live[start : start + self.max_batch]
+                chunk = masks[part]
+                probs[part] = self._finish(image, self._run_rounds(img_t, chunk, scales, max_side), chunk)
         return format_output(probs, output)
 
     def _finish(self, image, probs, coarse, where=None):

@@ -119,12 +119,19 @@ def test_output_kinds_and_bgr(refiner, scene):
 
 
 def test_empty_and_full_masks(refiner, scene):
-    img, _, _ = scene
+    img, _, coarse = scene
     empty = refiner.refine(img, np.zeros(img.shape[:2], bool))
     assert empty.max() == 0 and not np.isnan(empty).any()
     assert refiner.refine(img, np.zeros(img.shape[:2], bool), roi=True).max() == 0
     full = refiner.refine(img, np.ones(img.shape[:2], bool))
     assert np.isfinite(full).all() and full.shape == img.shape[:2]
+    refiner.profile = []  # an empty mask costs no encoder pass, with or without ROI, alone or beside others
+    for roi in (False, True):
+        assert not refiner.refine_batch(img, np.zeros((2, *img.shape[:2]), bool), roi=roi).any()
+    assert refiner.profile == []
+    both = refiner.refine_batch(img, [np.zeros(img.shape[:2], bool), coarse])
+    assert len(refiner.profile) == len(refiner.scales) and not both[0].any()
+    np.testing.assert_array_equal(both[1], refiner.refine(img, coarse))
 
 
 @pytest.mark.parametrize(
