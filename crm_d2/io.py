@@ -32,10 +32,13 @@ def read_image(path):
 
 
 def read_mask(path, colour="grey"):
-    """Read a single-channel mask as HxW uint8. A grey mask stored as RGB is taken as it is; a colour file is
-    converted to grey (colour="grey"), or refused (colour="refuse": a mask handed to refine, which must not guess,
-    as the Refiner API refuses an HxWx3 mask)."""
+    """Read a single-channel mask as HxW uint8. A grey mask stored as RGB is taken as it is; a cut-out whose
+    colour channels hold one value carries its mask in alpha; a colour file is converted to grey
+    (colour="grey"), or refused (colour="refuse": a mask handed to refine, which must not guess, as the Refiner
+    API refuses an HxWx3 mask). 16-bit files keep their 0/1 or 0/255 values; 0..65535 ones are scaled down."""
     m = imread(path, cv2.IMREAD_UNCHANGED, "mask")
+    if m.ndim == 3 and m.shape[2] == 4 and (m[..., :3] == m.flat[0]).all():
+        m = m[..., 3]
     if m.ndim == 3:
         rgb = m[..., :3]
         if colour == "refuse" and not (rgb == rgb[..., :1]).all():
@@ -43,7 +46,7 @@ def read_mask(path, colour="grey"):
                              "(grey PNG, 0/255 or 0..255)")
         m = cv2.cvtColor(rgb, cv2.COLOR_BGR2GRAY)
     if m.dtype == np.uint16:
-        m = (m >> 8).astype(np.uint8)
+        m = (m >> 8 if m.max() > 255 else m).astype(np.uint8)
     return m
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -122,3 +123,17 @@ def test_readme_says_what_the_tools_do():
     assert "High-Quality-Segmention" in text and 'Refiner(weights="path/to/model_45705")' in text
     assert "soft mask" in text and "--binary" in text and "--overlay" in text and "run.json" in text
     assert re.search(r"crm_demo\.yaml.* train in about \d+( \+ \d+)+ minutes", text) and "few minutes" in text
+
+
+def test_read_mask_keeps_what_16_bit_and_cut_out_files_hold(tmp_path):
+    from crm_d2.io import read_mask
+
+    mask = np.zeros((40, 50), np.uint8)
+    mask[10:30, 5:25] = 255
+    for values in (mask, mask // 255, mask.astype(np.uint16) * 257):  # 0/255, 0/1 and 0..65535, all 16-bit
+        cv2.imwrite(str(tmp_path / "m16.png"), values.astype(np.uint16))
+        np.testing.assert_array_equal(read_mask(tmp_path / "m16.png") > 0, mask > 0)
+    cut_out = np.zeros((40, 50, 4), np.uint8)  # black colour channels, the mask in alpha
+    cut_out[..., 3] = mask
+    cv2.imwrite(str(tmp_path / "cut.png"), cut_out)
+    np.testing.assert_array_equal(read_mask(tmp_path / "cut.png", colour="refuse"), mask)
