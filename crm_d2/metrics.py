@@ -48,9 +48,18 @@ def binarize(mask, name="mask"):
     raise ValueError(f"{name}: unsupported mask dtype {mask.dtype}")
 
 
+def binarize_gt(gt):
+    """The ground truth's foreground, as `binarize`. An integer GT of 0s and 1s would read as all background, which
+    no ground truth means (a prediction may: floor(255 p) of a faint mask), so it is refused by name."""
+    gt = _as_2d(gt, "ground truth")
+    if np.issubdtype(gt.dtype, np.integer) and gt.max() == 1:
+        raise ValueError("ground truth holds only 0 and 1: pass it as bool or 0/255 (integer masks are read as 0..255)")
+    return binarize(gt, "ground truth")
+
+
 def _pair(pred, gt):
     pred = binarize(pred, "prediction")
-    gt = binarize(gt, "ground truth")
+    gt = binarize_gt(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction and ground truth sizes differ: {pred.shape} vs {gt.shape}")
     return pred, gt
@@ -122,7 +131,7 @@ class RefinementMetrics:
 
     def update(self, pred, gt, coarse=None, name=None):
         """Add one image; returns its dict of per-image numbers (fractions; mBA NaN if the band is empty)."""
-        gt_b = binarize(gt, "ground truth")
+        gt_b = binarize_gt(gt)
         masks = {}
         for key, mask in (("refined", pred), ("coarse", coarse)):
             if mask is None:

@@ -72,6 +72,12 @@ def test_bad_input_messages():
         boundary_accuracy(np.full((20, 20), 1.5), square())
     with pytest.raises(ValueError, match="0..255"):
         iou(np.full((20, 20), 300, np.int32), square())
+    zero_one = square() // 255  # a 0/1 ground truth is refused, where the pipeline would score it as empty
+    with pytest.raises(ValueError, match="ground truth holds only 0 and 1"):
+        iou(square(), zero_one)
+    with pytest.raises(ValueError, match="ground truth holds only 0 and 1"):
+        RefinementMetrics().update(square(), zero_one)
+    assert iou(zero_one, square()) == 0  # a prediction stored as floor(255 p) may be that faint
 
 
 def test_iou_helpers():
