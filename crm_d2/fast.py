@@ -107,7 +107,8 @@ class FastMode:
         if prob.data_ptr() == prev.data_ptr():
             prob = prob.clone()  # written below while prev is still read
         band = band_cells(prev, band_px * prev.shape[-2] / D[0], opt.unsettled)
-        band = F.interpolate(band[None, None].float(), size=E, mode="nearest")[0, 0] > 0
+        # Only steers the loops below: on the host, so that each tile's test does not wait for the GPU.
+        band = (F.interpolate(band[None, None].float(), size=E, mode="nearest")[0, 0] > 0).cpu()
         Hf, Wf = (E[0] + 1) // 2, (E[1] + 1) // 2
         qy_all, qx_all = make_coord(D[0], prob.device), make_coord(D[1], prob.device)
         t_enc, tiles, strips = 0.0, 0, []
