@@ -109,7 +109,7 @@ def checked_fused_ensemble(proj, rows, cols, mlp_layers, reference):
         err, got = f"{type(e).__name__}: {e}", None
     if got is None or err > 1e-3:
         _state["ok"] = False
-        warnings.warn(f"crm_d2: the fused Triton decoder disagrees with the torch path ({err}); using torch",
-                      RuntimeWarning, stacklevel=3)
+        why = f"could not run ({err})" if got is None else f"disagrees with the torch path (max difference {err})"
+        warnings.warn(f"crm_d2: the fused Triton decoder {why}; using torch", RuntimeWarning, stacklevel=3)
         return want
     return got

@@ -463,7 +463,8 @@ class CRM(nn.Module):
     def ensemble(self, proj, rows, cols):
         """B x R x C logits: the MLP on each of the 4 neighbours, blended by opposite areas (on logits).
 
-        In inference on CUDA this runs as one fused Triton kernel (`crm_d2.kernels`) when Triton is installed.
+        In inference on CUDA this runs as one fused Triton kernel (`crm_d2.kernels`) when Triton is installed and
+        CRM_D2_TRITON=1 opts in (docs/benchmark.md, "GPU").
         """
         if not torch.is_grad_enabled() and fused_decoder_available(proj, self.cfg.hidden):
             return checked_fused_ensemble(proj, rows, cols, self.imnet.layers,

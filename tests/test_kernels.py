@@ -120,7 +120,7 @@ def test_first_use_check_falls_back_to_torch_when_the_kernel_cannot_run(device, 
     with torch.no_grad():
         want = model._ensemble_torch(proj, rows, cols)
         monkeypatch.setattr(kernels, "_state", {"checked": False, "ok": True})
-        with pytest.warns(RuntimeWarning, match="disagrees"):
+        with pytest.warns(RuntimeWarning, match="could not run"):
             got = kernels.checked_fused_ensemble(proj, rows, cols, model.imnet.layers, lambda: want)
     assert torch.equal(got, want) and kernels._state["ok"] is False
 
