@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from .inputs import check_option_fields, parse_option
-from .schedule import boundary_shift
+from .schedule import boundary_shift, outline
 
 __all__ = ["GATE_FEATURES", "Gate", "GrabCut", "gate_features", "grabcut_mask", "grabcut_probs", "photo_gradient"]
 
@@ -176,12 +176,6 @@ def grabcut_mask(bgr, fg, band, iters=1, context=CONTEXT, tile=TILE):
     return out
 
 
-def _outline(mask):
-    """The pixels of a bool mask that touch its outside (3x3)."""
-    m = mask.astype(np.uint8)
-    return m != cv2.erode(m, None)
-
-
 def photo_gradient(rgb):
     """The H x W gradient magnitude of an RGB uint8 photo in CIELAB (Sobel): what the gate calls an edge."""
     lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB).astype(np.float32)
@@ -207,7 +201,7 @@ def gate_features(rgb, prob, coarse, cut, gradient=None):
            slice(max(0, xs.min() - margin), xs.max() + margin + 1))
     fg, was, cut, prob = fg[box], was[box], cut[box], prob[box]
     grad = photo_gradient(rgb[box]) if gradient is None else gradient[box]
-    on_fg, on_was, on_cut = _outline(fg), _outline(was), _outline(cut)
+    on_fg, on_was, on_cut = outline(fg), outline(was), outline(cut)
     length, was_length = max(1, np.count_nonzero(on_fg)), max(1, np.count_nonzero(on_was))
 
     def edge(outline):

@@ -19,7 +19,7 @@ import numpy as np
 from .inputs import check_option_fields, parse_option
 from .schedule import boundary_shift
 
-__all__ = ["EdgeSnap", "guided_filter", "snap_probs", "boundary_shift"]
+__all__ = ["EdgeSnap", "guided_filter", "snap_probs"]
 
 
 @dataclass(frozen=True)

@@ -45,12 +45,17 @@ def stage_scales(scales, padded_shape, max_side=None, base=AUTO_BASE, min_side=N
     return tuple(out)
 
 
+def outline(mask):
+    """The pixels of a bool mask that touch its outside (3x3): its boundary, whose length normalises shifts."""
+    m = mask.astype(np.uint8)
+    return m != cv2.erode(m, None)
+
+
 def boundary_shift(prob, coarse):
     """How far refinement moved a mask, in pixels on average: pixels on the other side of 0.5 than in the coarse
     mask, over the coarse mask's boundary length."""
-    c = (coarse > 0.5).astype(np.uint8)
-    length = np.count_nonzero(c != cv2.erode(c, None))
-    return np.count_nonzero((prob > 0.5) != c.astype(bool)) / max(1, length)
+    c = coarse > 0.5
+    return np.count_nonzero((prob > 0.5) != c) / max(1, np.count_nonzero(outline(c)))
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ import torch
 
 from crm_d2.checkpoint import save_checkpoint
 from crm_d2.cli import main
-from crm_d2.guided import EdgeSnap, boundary_shift, guided_filter, snap_probs
+from crm_d2.guided import EdgeSnap, guided_filter, snap_probs
 from crm_d2.model import CRM, CRMConfig
 from crm_d2.refiner import Refiner
+from crm_d2.schedule import boundary_shift
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
