@@ -3,11 +3,12 @@ import numpy as np
 import pytest
 import torch
 
+from crm_d2.inputs import PAD
 from crm_d2.metrics import iou
 from crm_d2.model import CRMConfig
 from crm_d2.reference import reference_refine
 from crm_d2.refiner import Refiner
-from crm_d2.schedule import roi_box, stage_scales
+from crm_d2.schedule import ROI_MIN_STAGE_SIDE, roi_box, stage_scales
 
 # Probabilities of the random tiny model come from logits up to ~20: tolerances on CUDA scale with that.
 LOGIT_SCALE = 20
@@ -78,6 +79,12 @@ def test_roi_keeps_coarse_outside_and_batches(refiner, tol):
         np.testing.assert_array_equal(o[outside], m[outside])
         single = refiner.refine(img, m, roi=True, margin=0.25)
         np.testing.assert_allclose(single, o, atol=tol(1e-5, LOGIT_SCALE))
+        # inside: the crop refined as an image of its own, minus the stages too small for it
+        crop_scales = stage_scales(refiner.scales, (box.shape[0] + 2 * PAD, box.shape[1] + 2 * PAD),
+                                   min_side=ROI_MIN_STAGE_SIDE)
+        assert len(crop_scales) < len(refiner.scales)
+        alone = refiner.refine(img[box.slices], m[box.slices], scales=crop_scales)
+        np.testing.assert_allclose(o[box.slices], alone, atol=tol(1e-5, LOGIT_SCALE))
 
 
 def test_roi_box_rounding_and_limits():
