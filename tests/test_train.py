@@ -330,11 +330,22 @@ def test_command_line_entry(tmp_path, device):
 
 
 # ----------------------------------------------------------------------------------------------- time budget
+def test_a_fresh_run_replaces_the_checkpoints_of_the_one_before(tmp_path, device):
+    Trainer(tiny_cfg(tmp_path, device=device)).train()  # iterations 2 and 4, and model_final.pth
+    assert (tmp_path / "model_0000004.pth").exists() and (tmp_path / "model_final.pth").exists()
+    again = Trainer(tiny_cfg(tmp_path, "solver.lr=1e-4", device=device))  # other settings, no --resume
+    again.train(stop_at=2)
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_0000002.pth"]
+    resumed = Trainer(tiny_cfg(tmp_path, "solver.lr=1e-4", device=device), resume=True)
+    assert resumed.iteration == 2  # this run's checkpoint, not the old run's iteration 4
+
+
 def test_fit_to_budget_keeps_the_steps_fractions():
     from crm_d2.train.trainer import fit_to_budget
 
     assert fit_to_budget(30, 10.0, 97.0, 45000, [22500, 37500]) == (1000, [500, 833])
-    assert fit_to_budget(30, 10.0, -5.0, 100, [50]) == (31, [16])  # budget spent in the probe: one more
+    # budget spent in the probe: one more iteration, and the decay is taken there rather than never
+    assert fit_to_budget(30, 10.0, -5.0, 100, [50]) == (31, [31])
 
 
 def test_time_budget_fits_max_iter_and_resume_keeps_it(tmp_path, monkeypatch):
@@ -368,6 +379,14 @@ def test_time_budget_fits_max_iter_and_resume_keeps_it(tmp_path, monkeypatch):
                     resume=True)
     assert again.iteration == again.max_iter == fitted
     assert again.train() is None and again.iteration == fitted
+    # killed after its last checkpoint, before the export: the resumed run writes model_final.pth and trains no more
+    (tmp_path / "model_final.pth").unlink()
+    assert again.train() is None and again.iteration == fitted and (tmp_path / "model_final.pth").exists()
+    # a budget spent before the probe ends still takes both learning-rate steps
+    short = Trainer(tiny_cfg(tmp_path / "short", "solver.max_iter=100", "solver.steps=[50, 75]",
+                             "solver.time_budget_s=40", "checkpoint.period=1000"))
+    short.train()
+    assert short.iteration == 40 and short.scheduler.get_last_lr() == [pytest.approx(2.25e-6)]
 
 
 def test_time_budget_is_validated(tmp_path):

@@ -54,7 +54,9 @@ def fit_to_budget(iteration, iters_per_s, seconds_left, max_iter, steps):
     """(max_iter, steps) for `seconds_left` more seconds at `iters_per_s`, each step at the same fraction of the
     run as in the config (which then says the shape of the schedule, not its length)."""
     fitted = iteration + max(1, int(iters_per_s * max(0.0, seconds_left)))
-    return fitted, [max(1, round(s * fitted / max_iter)) for s in steps]
+    # A step that would fall before the next iteration (a budget spent in the probe) is taken at the next one:
+    # the scheduler decays only when it reaches a milestone, so one already passed would never be taken.
+    return fitted, [max(iteration + 1, round(s * fitted / max_iter)) for s in steps]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -138,6 +140,10 @@ class Trainer:
         if not resume and self.env.main and self.last_checkpoint() is not None:
             logger.warning("%s already holds checkpoints: starting from scratch and replacing them "
                            "(pass --resume to continue instead)", self.out)
+            # removed now, not overwritten one by one: the old run's later checkpoints would outlive this run's
+            # pruning, and --resume or a model_final.pth would then be the old run's
+            for old in [*self.out.glob("model_*.pth"), self.out / "last_checkpoint"]:
+                old.unlink(missing_ok=True)
         if resume:
             ckpt = self.last_checkpoint()
             if ckpt is None:
@@ -343,6 +349,9 @@ class Trainer:
         end = last()
         if self.iteration >= self.max_iter:
             logger.info("already trained to iteration %d (solver.max_iter)", self.iteration)
+            if self.env.main and not (self.out / "model_final.pth").exists():  # killed between its save and export
+                for p in self.export():
+                    logger.info("wrote %s", p)
             return None
         loader, n_items = self.train_loader()
         if self.env.main:
