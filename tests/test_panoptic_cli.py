@@ -239,6 +239,24 @@ def test_instances_end_to_end(dataset, tmp_path, capsys):
     assert cli.main(inst_args(d, gt, res, tmp_path / "o1", "--json")) == 0
     assert json.loads(capsys.readouterr().out) == out
 
+    # the same masks as uncompressed RLE give the same numbers; polygons are read too
+    from pycocotools import mask as mask_utils
+
+    loose, polygons = json.loads(res.read_text()), json.loads(res.read_text())
+    for r, q in zip(loose, polygons):
+        m = mask_utils.decode(dict(r["segmentation"], counts=r["segmentation"]["counts"].encode()))
+        flat = m.ravel(order="F")
+        runs = np.diff(np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])).tolist()
+        r["segmentation"] = {"size": [H, W], "counts": ([0] if flat[0] else []) + runs}
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        q["segmentation"] = [c.ravel().astype(float).tolist() for c in contours if len(c) >= 3]
+    (tmp_path / "loose.json").write_text(json.dumps(loose))
+    assert cli.main(inst_args(d, gt, tmp_path / "loose.json", tmp_path / "o6", "--json")) == 0
+    assert json.loads(capsys.readouterr().out) == out
+    (tmp_path / "polygons.json").write_text(json.dumps(polygons))
+    assert cli.main(inst_args(d, gt, tmp_path / "polygons.json", tmp_path / "o7", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["without_crm"]["AP"] >= 0
+
     # entity AP against the panoptic GT, masks refined as non-overlapping entities; the table
     assert cli.main(inst_args(d, d / "gt.json", res, tmp_path / "o2", "--gt-dir", str(d / "gt"),
                               "--non-overlapping")) == 0

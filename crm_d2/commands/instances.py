@@ -80,7 +80,8 @@ def load_gt(gt_json, gt_dir=None):
 
 
 def group_results(results, gt, pred_path):
-    """Results by image_id, in file order, each checked against the GT images (id known, mask size)."""
+    """Results by image_id, in file order, each checked against the GT images (id known, mask size). Polygons and
+    uncompressed RLE are made compressed RLE here, once, so that the AP without CRM reads what refinement reads."""
     images = {im["id"]: im for im in gt["images"]}
     by_image = OrderedDict()
     for k, r in enumerate(results):
@@ -90,27 +91,29 @@ def group_results(results, gt, pred_path):
         im = images.get(r["image_id"])
         if im is None:
             raise ValueError(f"{pred_path}: result {k} is for image_id {r['image_id']}, which is not in the GT")
+        results[k] = dict(r, segmentation=compressed_rle(r["segmentation"], im["height"], im["width"],
+                                                         f"{pred_path}: result {k} (image_id {r['image_id']})"))
         by_image.setdefault(r["image_id"], []).append(k)
     return by_image, images
 
 
-def decode(result, height, width, where):
-    """One result's segmentation (RLE, or polygons) as an HxW bool mask."""
-    seg = result["segmentation"]
+def compressed_rle(seg, height, width, where):
+    """A result's segmentation (compressed or uncompressed RLE, or polygons) as a JSON-ready compressed RLE."""
     if isinstance(seg, list):
         seg = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
     elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
-        seg = mask_utils.frPyObjects(seg, height, width)
+        seg = mask_utils.frPyObjects(seg, *seg.get("size", (height, width)))
     if not isinstance(seg, dict) or list(seg.get("size", [])) != [height, width]:
         raise ValueError(f"{where}: segmentation must be an RLE of size [{height}, {width}] "
                          f"(the image), got {seg.get('size') if isinstance(seg, dict) else type(seg).__name__}")
-    return mask_utils.decode(rle_bytes(seg)).astype(bool)
+    counts = seg["counts"]
+    return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
 def refine_image(refiner, image, results, idx, options, non_overlapping, score_thresh, where):
     """Refined copies of one image's results (those refined to nothing are left out only with drop_empty)."""
     h, w = image.shape[:2]
-    masks = np.stack([decode(results[k], h, w, f"{where}, result {k}") for k in idx])
+    masks = np.stack([mask_utils.decode(rle_bytes(results[k]["segmentation"])).astype(bool) for k in idx])
     scores = np.array([float(results[k]["score"]) for k in idx])
     out = refine_instances(refiner, image, masks, scores, options, non_overlapping=non_overlapping,
                            select=scores >= score_thresh, where=where)
