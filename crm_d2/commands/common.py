@@ -43,6 +43,13 @@ def add_model_arguments(parser, weights_default="demo"):
                              "'GrabCut gate', 'GrabCut finish')")
 
 
+def model_settings(args):
+    """What `add_model_arguments` adds that decides a run's outputs (device and memory budget do not), for the
+    settings a folder run records and checks (`check_run_settings`)."""
+    return {"weights": str(args.weights), "fast": args.fast, "edge_snap": args.edge_snap, "rounds": args.rounds,
+            "grabcut": args.grabcut}
+
+
 def _checked(parse, text):
     """An option parsed when argparse reads it: a bad value is a usage error naming the accepted form."""
     try:

@@ -19,7 +19,7 @@ from crm_d2.io import read_image, read_mask, write_image, write_png
 from crm_d2.panoptic.coco import PanopticSet, write_panoptic_image, write_panoptic_json
 from crm_d2.pictures import side_by_side
 
-from .common import build_refiner, check_run_settings
+from .common import build_refiner, check_run_settings, model_settings
 from .panoptic import add_refine_arguments, evaluate, options_from_args, refine_panoptic_set, report
 
 NAME = "demo"
@@ -178,9 +178,7 @@ def run(args):
     if args.regions == "person":
         categories = {**categories, PERSON["id"]: PERSON}
     settings = {"demo": True, "sample": str(Path(args.sample).resolve()), "long_side": args.long_side,
-                "factor": args.factor, "regions": args.regions, "weights": str(args.weights), "fast": args.fast,
-                "edge_snap": args.edge_snap, "rounds": args.rounds, "grabcut": args.grabcut,
-                "options": vars(options)}
+                "factor": args.factor, "regions": args.regions, **model_settings(args), "options": vars(options)}
     check_run_settings(out, settings)
     print(f"demo: {len(items)} sample images, coarse masks from a simulated 1/{args.factor} segmenter, "
           f"refining with weights {args.weights!r} -> {out}", file=sys.stderr)

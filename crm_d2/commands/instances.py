@@ -19,7 +19,7 @@ from crm_d2.panoptic.instances_eval import (encode_mask, entity_gt_from_panoptic
                                             rle_bytes)
 from crm_d2.panoptic.refine import refine_instances
 
-from .common import build_refiner, check_run_settings
+from .common import build_refiner, check_run_settings, model_settings
 from .panoptic import add_refine_arguments, find_image, options_from_args
 
 NAME = "instances"
@@ -140,8 +140,7 @@ def _run(args, env):
     class_agnostic = args.entity or args.gt_dir is not None
     by_image, images = group_results(results, gt, args.pred_json)
     out = Path(args.output)
-    settings = {"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights), "fast": args.fast,
-                "edge_snap": args.edge_snap, "rounds": args.rounds, "grabcut": args.grabcut,
+    settings = {"pred_json": str(Path(args.pred_json).resolve()), **model_settings(args),
                 "non_overlapping": args.non_overlapping,
                 "score_thresh": args.score_thresh, "options": vars(options)}
     refiner = build_refiner(args, env.device)  # first: a mistyped --weights must not be recorded as the settings

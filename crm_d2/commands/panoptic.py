@@ -16,7 +16,7 @@ from crm_d2.panoptic.coco import PanopticSet, read_panoptic_sidecar, write_panop
 from crm_d2.panoptic.merge import MERGE_RULES
 from crm_d2.panoptic.refine import TARGETS, SegmentRefineOptions, refine_panoptic
 
-from .common import add_model_arguments, add_scales_argument, build_refiner, check_run_settings
+from .common import add_model_arguments, add_scales_argument, build_refiner, check_run_settings, model_settings
 
 NAME = "panoptic"
 HELP = "refine a COCO panoptic prediction with CRM; PQ/SQ/RQ with and without CRM"
@@ -212,9 +212,7 @@ def _run(args, env):
     options = options_from_args(args)
     pred = PanopticSet(args.pred_json, args.pred_dir)
     gt = PanopticSet(args.gt_json, args.gt_dir) if args.gt_json else None
-    settings = {"pred_json": str(Path(args.pred_json).resolve()), "weights": str(args.weights),
-                "fast": args.fast, "edge_snap": args.edge_snap, "rounds": args.rounds, "grabcut": args.grabcut,
-                "options": vars(options)}
+    settings = {"pred_json": str(Path(args.pred_json).resolve()), **model_settings(args), "options": vars(options)}
     refiner = build_refiner(args, env.device)  # first: a mistyped --weights must not be recorded as the settings
     env.decide(check_run_settings, args.output, settings)
     refined = refine_panoptic_set(refiner, args.images, pred, args.output, options, gt=gt, limit=args.limit, env=env)

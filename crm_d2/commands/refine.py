@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..distributed import session
 from ..io import check_mask_path, list_big, read_image, read_mask, write_image, write_mask
 from ..pictures import mask_panel, side_by_side
-from .common import add_model_arguments, add_scales_argument, build_refiner, check_run_settings
+from .common import add_model_arguments, add_scales_argument, build_refiner, check_run_settings, model_settings
 
 NAME = "refine"
 HELP = ("refine one mask (IMAGE MASK -o OUT.png) or a BIG-layout folder (--big-dir DIR -o OUTDIR); writes soft "
@@ -125,9 +125,8 @@ def _run(args, env):
 
 def run_settings(args):
     """What decides a folder run's outputs (not device, memory budget or pictures: those do not change them)."""
-    return {"big_dir": str(Path(args.big_dir).resolve()), "weights": str(args.weights), "fast": args.fast,
-            "edge_snap": args.edge_snap, "rounds": args.rounds, "grabcut": args.grabcut,
-            "scales": args.scales, "roi": args.roi,
+    return {"big_dir": str(Path(args.big_dir).resolve()), **model_settings(args), "scales": args.scales,
+            "roi": args.roi,
             "margin": args.margin if args.roi else None,
             "max_side": args.max_side, "binary": args.binary}
 
