@@ -1,7 +1,9 @@
 import argparse
+import importlib.util
 import json
 import logging
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -327,6 +329,14 @@ def test_command_line_entry(tmp_path, device):
                               "--resume"])
     assert command.run(args) == 0
     assert (tmp_path / "out" / "model_0000002.pth").exists()
+
+    # tools/train_crm.py, the Detectron2-style spelling: --config-file, --num-gpus, and options after the overrides
+    spec = importlib.util.spec_from_file_location("train_crm", Path(__file__).parents[1] / "tools" / "train_crm.py")
+    train_crm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_crm)
+    assert train_crm.main(["--config-file", str(cfg), "--num-gpus", "1", "--output", str(tmp_path / "d2"),
+                           "--device", device, "solver.max_iter=3", "solver.steps=[2]", "--resume"]) == 0
+    assert (tmp_path / "d2" / "model_0000003.pth").exists()
 
 
 # ----------------------------------------------------------------------------------------------- time budget

@@ -9,7 +9,8 @@ HELP = "train CRM from a YAML config (released recipe, resumable, multi-GPU via 
 
 
 def add_arguments(parser):
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/crm_tiny_cpu.yaml")
+    parser.add_argument("--config", "--config-file", dest="config", required=True,
+                        help="YAML config, e.g. configs/crm_tiny_cpu.yaml")
     parser.add_argument("--output", default=None, help="output folder (default: the config's output_dir)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in the output folder (model, optimizer, RNG, data)")
