@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from crm_d2.commands.common import edge_snap_argument, grabcut_argument, rounds_argument
+from crm_d2.commands.common import add_scales_argument, edge_snap_argument, grabcut_argument, rounds_argument
 from crm_d2.io import atomic_write, read_image, read_mask, write_image, write_png
 from crm_d2.inputs import option_text
 from crm_d2.metrics import RefinementMetrics
@@ -164,8 +164,7 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=JUDGED_EVERY, help="take every N-th held-out photo (1 = all 251)")
     p.add_argument("--limit", type=int, default=0, help="at most this many photos (0 = no limit)")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), help="coarse recipes: Nx and/or polygon")
-    p.add_argument("--scales", nargs="+", default=None,
-                   help="schedule: numbers or 'auto' (default: the model's own, as Refiner() does)")
+    add_scales_argument(p)
     p.add_argument("--max-side", type=int, default=None, help="cap the encoder's input long side (Refiner's max_side)")
     p.add_argument("--regions", action="store_true", help="score CCP label regions, refined in ROI mode")
     p.add_argument("--upscale", type=int, default=None, help="scale photos to this long side first")
@@ -187,9 +186,6 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
-    scales = None
-    if args.scales:
-        scales = "auto" if args.scales == ["auto"] else [float(s) for s in args.scales]
     refiner = Refiner(args.weights, device=args.device, mode="fast" if args.fast else "exact",
                       edge_snap=args.edge_snap, rounds=args.rounds, grabcut=args.grabcut)
     items = heldout_items(args.data, args.every)
@@ -199,10 +195,10 @@ def main(argv=None):
         items = items[: args.limit]
     t0 = time.perf_counter()
     photos = load_photos(items, args.regions, args.upscale)
-    results = evaluate(refiner, photos, args.recipes, args.regions, args.write_big, scales, args.pictures,
+    results = evaluate(refiner, photos, args.recipes, args.regions, args.write_big, args.scales, args.pictures,
                        set(args.picture_names), max_side=args.max_side, total=len(items))
     took = time.perf_counter() - t0
-    what = (f"weights {args.weights}, scales {scales or refiner.scales}, {len(items)} held-out photos"
+    what = (f"weights {args.weights}, scales {args.scales or refiner.scales}, {len(items)} held-out photos"
             f"{', CCP regions in ROI mode' if args.regions else ''}"
             f"{f', upscaled to {args.upscale} px' if args.upscale else ''}{', fast mode' if args.fast else ''}"
             f"{f', encoder at most {args.max_side} px' if args.max_side else ''}"
@@ -210,7 +206,7 @@ def main(argv=None):
             f", grabcut {option_text(refiner.grabcut)}")
     print(table(results, f"Held-out IoU / mBA (percent), {what}; {took:.0f} s"))
     if args.json:
-        out = {"weights": str(args.weights), "scales": scales or refiner.scales, "photos": len(items),
+        out = {"weights": str(args.weights), "scales": args.scales or refiner.scales, "photos": len(items),
                "regions": args.regions, "upscale": args.upscale, "fast": args.fast, "max_side": args.max_side,
                "edge_snap": option_text(refiner.edge_snap), "rounds": str(refiner.rounds),
                "grabcut": option_text(refiner.grabcut),
