@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from crm_d2.train.perturb import (PerturbConfig, lowres_perturb, mask_iou, perturb_mask, polygon_perturb,
+from crm_d2.train.perturb import (PerturbConfig, blob_perturb, lowres_perturb, mask_iou, perturb_mask, polygon_perturb,
                                   polygon_simplify, random_morph)
 from crm_d2.train.synthetic import make_scene
 
@@ -80,12 +80,24 @@ def test_lowres_perturb_looks_like_a_lowres_segmenter():
     assert len(np.unique(soft)) > 2
 
 
-def test_mix_uses_both_generators():
+def test_mix_uses_every_generator_as_its_probabilities_say():
     gt = blob_mask(seed=2)
-    outs = [perturb_mask(gt, np.random.default_rng(s), PerturbConfig(lowres_prob=1.0)) for s in range(3)]
-    ref = [lowres_perturb(gt, rng, PerturbConfig(lowres_prob=1.0))
-           for rng in (np.random.default_rng(s) for s in range(3)) if rng.random() < 1.0]
-    assert all(np.array_equal(a, b) for a, b in zip(outs, ref))
+    cfg = PerturbConfig(fine_prob=0.2, lowres_prob=0.5, blob_prob=0.5)
+    used = set()
+    for s in range(40):
+        rng = np.random.default_rng(s)  # the mix's draws, replayed in its order: fine, low-res, else polygon; blobs
+        if rng.random() < cfg.fine_prob:
+            lo, hi = cfg.fine_factor
+            ref, kind = lowres_perturb(gt, rng, cfg, factor=lo + rng.random() * (hi - lo)), "fine"
+        elif rng.random() < cfg.lowres_prob:
+            ref, kind = lowres_perturb(gt, rng, cfg), "lowres"
+        else:
+            ref, kind = polygon_perturb(gt, rng, cfg), "polygon"
+        if rng.random() < cfg.blob_prob:
+            ref, kind = blob_perturb(ref, rng, cfg), kind + " + blobs"
+        assert np.array_equal(perturb_mask(gt, np.random.default_rng(s), cfg), ref), (s, kind)
+        used.add(kind)
+    assert used == {k + b for k in ("fine", "lowres", "polygon") for b in ("", " + blobs")}
 
 
 def test_empty_and_full_masks():
