@@ -252,7 +252,6 @@ def test_kill_and_resume_is_bit_identical(tmp_path, device, deterministic):
     assert [r["iter"] for r in rows_b] == [1, 2, 3, 4]
     ck = load_checkpoint(tmp_path / "b" / "model_0000004.pth")
     assert ck["iteration"] == 4 and set(ck["rng"][0]) >= {"torch", "numpy", "python"}
-    assert ck["sampler"]["position"] == 8
     # The exported weights load for inference.
     model = load_model(tmp_path / "b" / "model_final.pth")
     assert isinstance(model, CRM) and not model.training

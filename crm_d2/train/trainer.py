@@ -239,7 +239,6 @@ class Trainer:
             self.out / name, self.model, self.model_cfg, meta=meta,
             optimizer=self.optimizer.state_dict(), scheduler=scheduler_state(self.scheduler),
             scaler=self.scaler.state_dict() if self.amp else None, iteration=self.iteration, rng=rng,
-            sampler={"position": self.iteration * self.cfg["solver"]["batch_size"], "seed": int(self.cfg["seed"])},
             train_config=self._public_config(),
         )
         tmp = self.out / ".last_checkpoint.tmp"
