@@ -150,6 +150,8 @@ def test_sources_splits_and_empty_masks(tmp_path):
         build_items([{"type": "coco", "root": str(tmp_path)}])
     with pytest.raises(ValueError, match="unknown keys"):
         build_items([{"type": "synthetic", "cuont": 3}])
+    with pytest.raises(ValueError, match="holdout_offset must lie in"):
+        build_items([{"type": "synthetic", "count": 4, "holdout_every": 2, "holdout_offset": 2}], "val")
     with pytest.raises(FileNotFoundError, match="not found"):
         build_items([{"type": "pairs", "root": str(tmp_path / "nowhere")}])
 

@@ -127,6 +127,9 @@ def build_items(specs, part="train", base_dir=None, empty="keep"):
         exclude = {str(n) for n in spec.pop("exclude", None) or ()}
         every = int(spec.pop("holdout_every", 0) or 0)
         offset = int(spec.pop("holdout_offset", 0))
+        if every and not 0 <= offset < every:
+            raise ValueError(f"data source {i}: holdout_offset must lie in [0, holdout_every) = [0, {every}), "
+                             f"got {offset} (the validation part would be empty)")
         if kind == "pairs":
             src = list_pairs(root, spec.pop("images", None), spec.pop("masks", None),
                              prefix=spec.pop("prefix", f"{root.name}/"))
