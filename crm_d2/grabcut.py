@@ -204,8 +204,8 @@ def gate_features(rgb, prob, coarse, cut, gradient=None):
     on_fg, on_was, on_cut = outline(fg), outline(was), outline(cut)
     length, was_length = max(1, np.count_nonzero(on_fg)), max(1, np.count_nonzero(on_was))
 
-    def edge(outline):
-        return float(grad[outline].mean()) if outline.any() else 0.0
+    def edge(pixels):
+        return float(grad[pixels].mean()) if pixels.any() else 0.0
 
     u = fg.astype(np.uint8)
     band = (cv2.dilate(u, None, iterations=5) > 0) & ~(cv2.erode(u, None, iterations=5) > 0)
