@@ -73,6 +73,7 @@ def test_write_image_drops_empty_segments_and_resumes(tmp_path):
     ann = write_panoptic_image(tmp_path / "out", "img.png", 42, ids, segs)
     assert [s["id"] for s in ann["segments_info"]] == [70000, 5]  # 9 refined to nothing: dropped
     assert ann["segments_info"][0]["area"] == 8 and ann["segments_info"][0]["bbox"] == [2, 1, 4, 2]
+    assert ann["segments_info"][1]["bbox"] == mask_bbox(ids == 5) == [0, 4, 8, 2]
     assert ann["segments_info"][1]["iscrowd"] == 0
     assert read_panoptic_sidecar(tmp_path / "out", "img.png") == ann
     assert (read_panoptic_png(tmp_path / "out" / "img.png") == ids).all()
