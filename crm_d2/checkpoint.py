@@ -102,6 +102,9 @@ def load_checkpoint(path):
     if obj.get("format") == FORMAT:
         if "model" not in obj or "config" not in obj:
             raise ValueError(f"{path}: crm_d2 checkpoint without 'model' or 'config'")
+        if int(obj.get("version", VERSION)) > VERSION:
+            raise ValueError(f"{path}: crm_d2 checkpoint format version {obj['version']}, newer than this crm_d2 "
+                             f"reads ({VERSION}): upgrade crm_d2")
         obj["config"] = CRMConfig.from_dict(obj["config"])
         return obj
     if "format" in obj:

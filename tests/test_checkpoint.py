@@ -69,6 +69,11 @@ def test_wrong_architecture_and_bad_files(tmp_path, tiny_model):
     torch.save({"optimizer": {"lr": 1}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="neither a crm_d2 checkpoint nor a raw state_dict"):
         load_model(tmp_path / "other.pth")
+    future = torch.load(path, weights_only=True)
+    future["version"] += 1
+    torch.save(future, tmp_path / "future.pth")
+    with pytest.raises(ValueError, match="newer than this crm_d2 reads"):
+        load_model(tmp_path / "future.pth")
 
 
 class NotATensor:
