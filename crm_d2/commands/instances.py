@@ -102,7 +102,7 @@ def compressed_rle(seg, height, width, where):
     if isinstance(seg, list):
         seg = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
     elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
-        seg = mask_utils.frPyObjects(seg, *seg.get("size", (height, width)))
+        seg = mask_utils.frPyObjects(seg, height, width)  # keeps the RLE's own size, checked below
     if not isinstance(seg, dict) or list(seg.get("size", [])) != [height, width]:
         raise ValueError(f"{where}: segmentation must be an RLE of size [{height}, {width}] "
                          f"(the image), got {seg.get('size') if isinstance(seg, dict) else type(seg).__name__}")
