@@ -344,9 +344,10 @@ def test_command_line_entry(tmp_path, device):
 def test_a_fresh_run_replaces_the_checkpoints_of_the_one_before(tmp_path, device):
     Trainer(tiny_cfg(tmp_path, device=device)).train()  # iterations 2 and 4, and model_final.pth
     assert (tmp_path / "model_0000004.pth").exists() and (tmp_path / "model_final.pth").exists()
+    (tmp_path / "model_mine.pth").write_bytes(b"a user's own file")
     again = Trainer(tiny_cfg(tmp_path, "solver.lr=1e-4", device=device))  # other settings, no --resume
     again.train(stop_at=2)
-    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_0000002.pth"]
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_0000002.pth", "model_mine.pth"]
     resumed = Trainer(tiny_cfg(tmp_path, "solver.lr=1e-4", device=device), resume=True)
     assert resumed.iteration == 2  # this run's checkpoint, not the old run's iteration 4
 

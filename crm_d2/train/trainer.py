@@ -142,7 +142,8 @@ class Trainer:
                            "(pass --resume to continue instead)", self.out)
             # removed now, not overwritten one by one: the old run's later checkpoints would outlive this run's
             # pruning, and --resume or a model_final.pth would then be the old run's
-            for old in [*self.out.glob("model_*.pth"), self.out / "last_checkpoint"]:
+            written = [*self.out.glob("model_[0-9]*.pth"), *self.out.glob("model_final*.pth")]  # only its own files
+            for old in [*written, self.out / "last_checkpoint"]:
                 old.unlink(missing_ok=True)
         if resume:
             ckpt = self.last_checkpoint()
