@@ -37,8 +37,8 @@ def read_mask(path, colour="grey"):
     (colour="grey"), or refused (colour="refuse": a mask handed to refine, which must not guess, as the Refiner
     API refuses an HxWx3 mask). 16-bit files keep their 0/1 or 0/255 values; 0..65535 ones are scaled down."""
     m = imread(path, cv2.IMREAD_UNCHANGED, "mask")
-    if m.ndim == 3 and m.shape[2] == 4 and (m[..., :3] == m.flat[0]).all():
-        m = m[..., 3]
+    if m.ndim == 3 and m.shape[2] == 4 and (m[..., :3] == m.flat[0]).all() and (m[..., 3] != m[0, 0, 3]).any():
+        m = m[..., 3]  # a cut-out: one colour, the mask in alpha (an opaque one-colour file stays its colour)
     if m.ndim == 3:
         rgb = m[..., :3]
         if colour == "refuse" and not (rgb == rgb[..., :1]).all():

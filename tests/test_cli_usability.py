@@ -137,3 +137,7 @@ def test_read_mask_keeps_what_16_bit_and_cut_out_files_hold(tmp_path):
     cut_out[..., 3] = mask
     cv2.imwrite(str(tmp_path / "cut.png"), cut_out)
     np.testing.assert_array_equal(read_mask(tmp_path / "cut.png", colour="refuse"), mask)
+    empty = np.zeros((40, 50, 4), np.uint8)  # an empty mask saved with an opaque alpha stays empty
+    empty[..., 3] = 255
+    cv2.imwrite(str(tmp_path / "empty.png"), empty)
+    assert not read_mask(tmp_path / "empty.png").any()
