@@ -105,6 +105,13 @@ def test_shipped_configs_load():
     head = load_config(root / "crm_small_head.yaml")  # the head trains on the same split, on the shipped model
     assert head["data"]["train"] == demo["data"]["train"] and head["model"]["weights"] == "demo"
     assert head["model"]["pixel_head"] and "feats" in head["model"]["freeze"] and head["sampling"]["points"] == 0
+    # The registered recipe: the same split, only CCP's masks moved (the held-out photos stay held out).
+    reg, small = load_config(root / "crm_small_reg.yaml"), load_config(root / "crm_small_skip.yaml")
+    plain = [{k: v for k, v in s.items() if k != "label_offset"} for s in reg["data"]["train"]]
+    assert plain == demo["data"]["train"]
+    assert [s.get("label_offset") for s in reg["data"]["train"]] == [None, None, [0.56, 0.25]]
+    assert {k: v for k, v in reg.items() if k not in ("data", "output_dir")} == \
+        {k: v for k, v in small.items() if k not in ("data", "output_dir")}
     for path in root.glob("crm_*.yaml"):
         load_config(path)
 
@@ -422,7 +429,7 @@ def test_pack_data_carries_the_training_split_only(tmp_path):
         _pair(src, f"{i:04d}", size=(48, 64))
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data": {"train": [{"type": "pairs", "root": str(src), "holdout_every": 10,
-                                                          "exclude": ["0005"]}]}}))
+                                                          "exclude": ["0005"], "label_offset": [0.5, -0.25]}]}}))
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "packed"
     proc = subprocess.run([sys.executable, str(root / "tools" / "pack_data.py"), "--config", str(config),
@@ -434,6 +441,7 @@ def test_pack_data_carries_the_training_split_only(tmp_path):
     want = build_items(load_config(config)["data"]["train"], "train")
     assert [it.name.split("/")[-1] for it in packed] == [it.name.split("/")[-1] for it in want]
     assert len(packed) == 17  # 20, less 0000 and 0010 (held out) and 0005 (excluded)
+    assert specs[0]["label_offset"] == [0.5, -0.25] and packed[0].label_offset == (0.5, -0.25)
     for a, b in zip(packed, want):
         assert a.image.suffix == ".webp"
         assert np.array_equal(read_mask(a.mask), np.where(read_mask(b.mask) > 127, 255, 0))

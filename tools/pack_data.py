@@ -5,7 +5,7 @@
 Each source's training part (its `holdout_every` split and `exclude` already applied, so nothing held out
 travels) becomes OUT/NAME/images + OUT/NAME/masks: images re-encoded (`--format webp|jpg`, `--quality`) or copied
 as they are (`--format copy`), masks as 1-bit PNG (read back as 0/255). OUT/sources.yaml holds the
-`data.train` list for the packed copy, one line, ready for an override:
+`data.train` list for the packed copy (with each source's `label_offset`), one line, ready for an override:
 
     python tools/pack_data.py --config configs/crm_r50_skip.yaml --out .gpu/data --only ccp --format copy
     crm-d2 train --config configs/crm_r50_skip.yaml "data.train=$(cat .gpu/data/sources.yaml)"
@@ -77,7 +77,10 @@ def main(argv=None):
         size = pack_source(items, out / name, args.format, args.quality)
         total += size
         print(f"{name}: {len(items)} training pairs, {size / 2**20:.1f} MiB", file=sys.stderr)
-        specs.append({"type": "pairs", "root": str(Path(args.root_as or args.out) / name)})
+        packed = {"type": "pairs", "root": str(Path(args.root_as or args.out) / name)}
+        if spec.get("label_offset") is not None:  # the masks travel as they are, so their offset travels too
+            packed["label_offset"] = [float(v) for v in spec["label_offset"]]
+        specs.append(packed)
     if not specs:
         raise SystemExit(f"pack_data: no source of {args.config} matches --only {args.only}")
     text = yaml.safe_dump(specs, default_flow_style=True, width=10**6).strip()

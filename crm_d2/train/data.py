@@ -12,13 +12,18 @@ Sources (one dict per source in the YAML config, joined in order):
 Every source also takes `holdout_every: K` with `part: train|val`: items are sorted by name and every K-th one
 (index % K == holdout_offset, default 0) is the validation part. The split is a pure function of the file names,
 so it is written down by the config itself. `exclude: [STEM, ...]` keeps named items out of the training part
-(e.g. photos a demo shows, which must be new to the model).
+(e.g. photos a demo shows, which must be new to the model). `label_offset: [DX, DY]` says that a source's masks lie
+DX px right of and DY px below its photos' edges (CCP's: about [0.56, 0.25]; `tools/label_registration.py` measures
+it); its masks are moved back by that when loaded, as soft masks, so that the labels a model learns from sit on
+the photo's edges. Why: a horizontal flip turns a constant offset into +-DX of label noise on every boundary.
 
 A training sample is a pure function of its position in the sample stream (`StreamSampler`): the data order,
 crops, flips, colour jitter and coarse mask are all drawn from numpy generators seeded by (seed, position). That
 is what makes `--resume` bit-identical with any number of workers, without saving worker state.
 """
+import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,7 @@ from torch.utils.data import Dataset, Sampler
 
 from crm_d2.io import IMAGE_EXTS, list_big, read_image, read_mask
 from crm_d2.train.perturb import PerturbConfig, perturb_mask
+from crm_d2.train.registration import move_mask
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,7 @@ class Item:
     synthetic: bool = False
     size: object = None
     seed: int = 0
+    label_offset: tuple = (0.0, 0.0)  # where the mask lies relative to the photo, px (x right, y down)
 
 
 # ----------------------------------------------------------------------------------------------- listing
@@ -125,6 +132,7 @@ def build_items(specs, part="train", base_dir=None, empty="keep"):
                 if (Path(base_dir) / root).exists():
                     root = Path(base_dir) / root
         exclude = {str(n) for n in spec.pop("exclude", None) or ()}
+        label_offset = _label_offset(spec.pop("label_offset", None), i)
         every = int(spec.pop("holdout_every", 0) or 0)
         offset = int(spec.pop("holdout_offset", 0))
         if every and not 0 <= offset < every:
@@ -153,6 +161,10 @@ def build_items(specs, part="train", base_dir=None, empty="keep"):
         if every > 0:
             src = sorted(src, key=lambda it: it.name)
             src = [it for k, it in enumerate(src) if (k % every == offset) == (part == "val")]
+        if label_offset != (0.0, 0.0):
+            if kind == "synthetic":
+                raise ValueError(f"data source {i}: label_offset is for photos with labels, not synthetic scenes")
+            src = [dataclasses.replace(it, label_offset=label_offset) for it in src]
         if exclude and part == "train":
             src = [it for it in src if it.name.rsplit("/", 1)[-1] not in exclude]
         if empty == "skip":
@@ -162,6 +174,19 @@ def build_items(specs, part="train", base_dir=None, empty="keep"):
             src = kept
         items += src
     return items
+
+
+def _label_offset(value, i):
+    if value is None:
+        return (0.0, 0.0)
+    try:
+        dx, dy = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"data source {i}: label_offset must be [DX, DY] in pixels, got {value!r}") from None
+    if not (math.isfinite(dx) and math.isfinite(dy)) or max(abs(dx), abs(dy)) > 8:
+        raise ValueError(f"data source {i}: label_offset {value!r} must be finite and at most 8 px (a registration "
+                         "error, not a misplaced mask)")
+    return (dx, dy)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -177,6 +202,8 @@ def load_item(item):
     if gt.shape != image.shape[:2]:
         raise ValueError(f"{item.name}: mask {item.mask} is {gt.shape[1]}x{gt.shape[0]} but the image is "
                          f"{image.shape[1]}x{image.shape[0]}")
+    if item.label_offset != (0.0, 0.0):
+        gt = move_mask(gt, -item.label_offset[0], -item.label_offset[1])
     coarse = None
     if item.coarse is not None:
         coarse = read_mask(item.coarse)
