@@ -1,4 +1,5 @@
 """The resolution-aware schedule ("auto"), the mask skip at inference, and the held-out evaluation command."""
+import argparse
 import json
 import subprocess
 import sys
@@ -120,16 +121,44 @@ def test_heldout_eval_command(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "heldout_eval.py"), "--weights", str(weights),
                           "--data", str(tmp_path / "data"), "--every", "1", "--recipes", "8x", "polygon",
                           "--json", str(tmp_path / "r.json"), "--write-big", str(tmp_path / "big"),
-                          "--threads", "1", "--pictures", str(tmp_path / "pics"), "--picture-names", "ecssd/syn0000"],
+                          "--threads", "1", "--pictures", str(tmp_path / "pics"), "--picture-names", "ecssd/syn0000",
+                          "--label-offset", "pascal-s=0.5,-0.25"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "| 8x | all | 4 |" in out.stdout  # every 10th of 12 pairs in each of two sources: 2 + 2
+    assert "pascal-s photos moved by 0.5,-0.25 px" in out.stdout
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["photos"] == 4 and set(res["results"]) == {"8x", "polygon"}
+    assert res["label_offsets"] == {"pascal-s": [0.5, -0.25]}
     assert set(res["results"]["8x"]) == {"all", "ecssd", "pascal-s"}
     assert len(list((tmp_path / "big" / "8x").glob("*_seg.png"))) == 4  # a BIG folder for crm-d2 refine/eval
     assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["ecssd_syn0000_8x.png",
                                                                       "ecssd_syn0000_polygon.png"]
+
+
+def test_heldout_eval_moves_a_sources_photos_onto_its_labels(tmp_path):
+    """--label-offset SOURCE=DX,DY: that source's photos are moved by (DX, DY) before refining (the analysis of a
+    registration error); the others and every ground truth are read as they are."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from heldout_eval import heldout_items, label_offset_argument, load_photos
+
+    from crm_d2.train.registration import move_photo
+    from crm_d2.train.synthetic import write_pairs_folder
+
+    for src in ("ecssd", "ccp"):
+        write_pairs_folder(tmp_path / src, 10, size=(40, 56), seed=len(src))
+    items = heldout_items(tmp_path, every=1)
+    plain = list(load_photos(items))
+    moved = list(load_photos(items, label_offsets={"ccp": (0.5, 0.25)}))
+    assert [p[0] for p in plain] == ["ecssd/syn0000", "ccp/syn0000"]
+    assert np.array_equal(moved[1][1], move_photo(plain[1][1], 0.5, 0.25))
+    assert not np.array_equal(moved[1][1], plain[1][1])
+    assert np.array_equal(moved[0][1], plain[0][1])
+    assert all(np.array_equal(a, b) for (_, _, ga), (_, _, gb) in zip(plain, moved) for a, b in zip(ga, gb))
+    assert label_offset_argument("ccp=0.56,0.25") == ("ccp", (0.56, 0.25))
+    for bad in ("ccp=0.5", "coco=0.5,0.5", "ccp"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            label_offset_argument(bad)
 
 
 def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp_path):

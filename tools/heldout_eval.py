@@ -33,6 +33,7 @@ from crm_d2.pictures import mask_panel, side_by_side
 from crm_d2.refiner import Refiner
 from crm_d2.train.data import build_items
 from crm_d2.train.perturb import lowres_protocol, polygon_perturb
+from crm_d2.train.registration import move_photo
 
 SOURCES = ("ecssd", "pascal-s", "ccp")
 RECIPES = ("4x", "8x", "16x", "polygon")
@@ -90,15 +91,31 @@ def region_masks(item):
             and np.count_nonzero(lab == v) >= MIN_REGION * lab.size]
 
 
-def load_photos(items, regions=False, upscale_to=None):
+def load_photos(items, regions=False, upscale_to=None, label_offsets=None):
     """(name, image, ground-truth masks) per item, in order (a photo's index seeds its polygon masks); `regions`:
-    CCP label regions instead of the silhouette; `upscale_to`: scale to this long side first."""
+    CCP label regions instead of the silhouette; `upscale_to`: scale to this long side first; `label_offsets`:
+    {source: (dx, dy)}, where that source's labels lie against its photos' edges (tools/label_registration.py):
+    its photos are moved by as much, so that they line up with the labels, which stay binary."""
     for item in items:
         image = read_image(item.image)
+        offset = (label_offsets or {}).get(item.name.split("/")[0])
+        if offset:
+            image = move_photo(image, *offset)
         gts = region_masks(item) if regions else [read_mask(item.mask)]
         if upscale_to:
             image, gts = upscale(image, gts, upscale_to)
         yield item.name, image, [g for g in gts if g.any()]
+
+
+def label_offset_argument(text):
+    source, _, value = text.partition("=")
+    try:
+        dx, dy = (float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use SOURCE=DX,DY, e.g. ccp=0.56,0.25") from None
+    if source not in SOURCES:
+        raise argparse.ArgumentTypeError(f"{text!r}: SOURCE must be one of {', '.join(SOURCES)}")
+    return source, (dx, dy)
 
 
 def crm_label(refiner):
@@ -175,6 +192,9 @@ def main(argv=None):
                    help="Refiner's rounds (default: the model's own)")
     p.add_argument("--grabcut", default=None, metavar="BAND[:ITERS[:MIN_SHIFT]]", type=grabcut_argument,
                    help="Refiner's grabcut (default: the model's own)")
+    p.add_argument("--label-offset", nargs="+", default=[], metavar="SOURCE=DX,DY", type=label_offset_argument,
+                   help="move SOURCE's photos onto its labels (e.g. ccp=0.56,0.25), an analysis of how much a "
+                        "registration error costs; not the protocol")
     p.add_argument("--device", default=None)
     p.add_argument("--write-big", default=None, help="also write BIG-layout folders (one per recipe)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
@@ -194,7 +214,8 @@ def main(argv=None):
     if args.limit:
         items = items[: args.limit]
     t0 = time.perf_counter()
-    photos = load_photos(items, args.regions, args.upscale)
+    offsets = dict(args.label_offset)
+    photos = load_photos(items, args.regions, args.upscale, offsets)
     results = evaluate(refiner, photos, args.recipes, args.regions, args.write_big, args.scales, args.pictures,
                        set(args.picture_names), max_side=args.max_side, total=len(items))
     took = time.perf_counter() - t0
@@ -202,6 +223,7 @@ def main(argv=None):
             f"{', CCP regions in ROI mode' if args.regions else ''}"
             f"{f', upscaled to {args.upscale} px' if args.upscale else ''}{', fast mode' if args.fast else ''}"
             f"{f', encoder at most {args.max_side} px' if args.max_side else ''}"
+            f"{''.join(f', {k} photos moved by {v[0]:g},{v[1]:g} px' for k, v in offsets.items())}"
             f", edge snap {option_text(refiner.edge_snap)}, rounds {refiner.rounds}"
             f", grabcut {option_text(refiner.grabcut)}")
     print(table(results, f"Held-out IoU / mBA (percent), {what}; {took:.0f} s"))
@@ -209,7 +231,7 @@ def main(argv=None):
         out = {"weights": str(args.weights), "scales": args.scales or refiner.scales, "photos": len(items),
                "regions": args.regions, "upscale": args.upscale, "fast": args.fast, "max_side": args.max_side,
                "edge_snap": option_text(refiner.edge_snap), "rounds": str(refiner.rounds),
-               "grabcut": option_text(refiner.grabcut),
+               "grabcut": option_text(refiner.grabcut), "label_offsets": offsets,
                "seconds": took,
                "results": results}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
