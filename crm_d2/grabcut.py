@@ -7,8 +7,13 @@ graph cut over the photo's colours moves a boundary that is a few pixels off ont
 moves good boundaries where the labels do not follow the photo's colour edges, so on its own it is opt-in
 (`--grabcut 2`: held-out 16x masks +2.8 -> +8.9 mBA, good 4x masks -12.9). A checkpoint may carry a `Gate`
 fitted for its model (`tools/calibrate_grabcut.py`) that keeps each mask's cut only where it predicts a gain;
-the shipped demo model does, so a gated 1-px cut is its default (docs/demo_model.md, "GrabCut gate").
-`min_shift` gates it to the masks that refinement moved, as the edge snap's does.
+the shipped demo model does, so a gated 1-px cut is its default (docs/demo_model.md, "After the model").
+`min_shift` gates it to the masks that refinement moved, as the edge snap's does. For a model with a mask skip,
+`low_gain` takes a second look at the masks the gate cuts: such a mask is far off, so the model is run on it again
+trusting the coarse mask less (its skip gain times `low_gain`), that output is cut too, and a second gate
+(`low_gate`) keeps whichever of the two cuts it predicts is better. The Refiner takes that look in whole-image
+mode only: in ROI mode (parts and instances of a scene) the model, trusting the mask less, grows a region into its
+neighbours.
 """
 from dataclasses import asdict, dataclass, field
 
@@ -18,7 +23,8 @@ import numpy as np
 from .inputs import check_option_fields, parse_option
 from .schedule import boundary_shift, outline
 
-__all__ = ["GATE_FEATURES", "Gate", "GrabCut", "gate_features", "grabcut_mask", "grabcut_probs", "photo_gradient"]
+__all__ = ["GATE_FEATURES", "LOW_GATE_FEATURES", "Gate", "GrabCut", "gate_features", "grabcut_mask", "grabcut_probs",
+           "photo_gradient"]
 
 # Pixels around the band whose colours feed the object and background models. Local colours separate an object
 # from what touches it better than the whole photo's, and the graph stays small at 4K.
@@ -32,6 +38,8 @@ TILE = 1024
 # does not count; edge strengths are ratios, so a photo's contrast does not.
 GATE_FEATURES = ("shift", "cut_moved", "cut_from_coarse", "unsure", "edge_contrast", "coarse_edge", "cut_edge",
                  "coarse_rough2", "coarse_rough4")
+# What the second gate reads: the same numbers for the model's output and for its low-gain output.
+LOW_GATE_FEATURES = GATE_FEATURES + tuple(f"low_{name}" for name in GATE_FEATURES)
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class Gate:
 
     Why: GrabCut gains where the refined mask is still far off and the object's edge is a colour edge, and loses
     where a good mask follows a label that the photo's edges do not show. No single number tells the two apart
-    (docs/demo_model.md, "GrabCut finish"); the model's shift, its unsure band, the coarse mask's smoothness and
+    (docs/experiments.md, "GrabCut finish"); the model's shift, its unsure band, the coarse mask's smoothness and
     where GrabCut's boundary lies on the photo's gradient together do, well enough to apply it by default.
 
     The features are in pixels, so what they mean depends on the photo's resolution: a photo whose long side is
@@ -58,11 +66,12 @@ class Gate:
     def __post_init__(self):
         for name in ("mean", "scale", "coef", "features"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.features != GATE_FEATURES:
+        if self.features not in (GATE_FEATURES, LOW_GATE_FEATURES):
             raise ValueError(f"this grabcut gate reads features {list(self.features)}; this version of crm_d2 "
-                             f"computes {list(GATE_FEATURES)}: calibrate it again (tools/calibrate_grabcut.py)")
-        if not len(self.mean) == len(self.scale) == len(self.coef) == len(GATE_FEATURES):
-            raise ValueError(f"a grabcut gate needs {len(GATE_FEATURES)} means, scales and coefficients")
+                             f"computes {list(GATE_FEATURES)} (and low_ ones): calibrate it again "
+                             f"(tools/calibrate_grabcut.py)")
+        if not len(self.mean) == len(self.scale) == len(self.coef) == len(self.features):
+            raise ValueError(f"a grabcut gate needs {len(self.features)} means, scales and coefficients")
 
     @staticmethod
     def _standard(x):
@@ -79,9 +88,9 @@ class Gate:
         return not self.max_side or max(shape[:2]) <= self.max_side
 
     @classmethod
-    def fit(cls, features, helped, weights=None, l2=1.0, steps=50, max_side=0):
-        """The gate from N x F features and whether GrabCut helped each mask (weighted, e.g. by how much it
-        changed the mask's score): L2-penalised logistic regression (the penalty l2/2 |coef|^2 on the
+    def fit(cls, features, helped, weights=None, l2=1.0, steps=50, max_side=0, names=GATE_FEATURES):
+        """The gate from N x F features (`names`) and whether GrabCut helped each mask (weighted, e.g. by how
+        much it changed the mask's score): L2-penalised logistic regression (the penalty l2/2 |coef|^2 on the
         standardised features, next to none on the bias), by Newton's method."""
         x = cls._standard(features)
         mean, scale = x.mean(0), x.std(0) + 1e-9
@@ -99,7 +108,7 @@ class Gate:
             w -= step
             if np.abs(step).max() < 1e-10:
                 break
-        return cls(mean.tolist(), scale.tolist(), w[:-1].tolist(), float(w[-1]), max_side=int(max_side))
+        return cls(mean.tolist(), scale.tolist(), w[:-1].tolist(), float(w[-1]), tuple(names), int(max_side))
 
 
 @dataclass(frozen=True)
@@ -108,22 +117,31 @@ class GrabCut:
     their side; iters: GrabCut iterations (colour models refitted, cut again); min_shift: only masks that
     refinement moved by at least this many px on average (`boundary_shift` from the coarse mask), which the model
     found far off; gate: a `Gate` (or its dict) that keeps each mask's cut only where it predicts a gain, as a
-    checkpoint's `meta["grabcut"]` carries it (the text form has none: a cut asked for by hand is not gated)."""
+    checkpoint's `meta["grabcut"]` carries it (the text form has none: a cut asked for by hand is not gated);
+    low_gain, low_gate: for the masks the gate cuts, the model is run again with its mask skip's gain times
+    low_gain (0: not), that output is cut as well, and `low_gate` (reading LOW_GATE_FEATURES) keeps its cut
+    instead where it predicts a gain (needs a gate, and a Refiner to run the model again)."""
 
     band: int = 2
     iters: int = 1
     min_shift: float = 0.0
     gate: Gate = field(default=None, metadata={"text": False})
+    low_gain: float = field(default=0.0, metadata={"text": False})
+    low_gate: Gate = field(default=None, metadata={"text": False})
 
     def __post_init__(self):
-        if isinstance(self.gate, dict):
-            try:
-                object.__setattr__(self, "gate", Gate(**self.gate))
-            except TypeError as e:  # a key it does not have, or one missing
-                raise ValueError(f"grabcut gate: {e}") from None
-        if self.gate is not None and not isinstance(self.gate, Gate):
-            raise ValueError(f"grabcut gate must be a Gate or its dict, got {type(self.gate).__name__}")
-        check_option_fields(self, "grabcut", counts=("band", "iters"), non_negative=("min_shift",))
+        for name in ("gate", "low_gate"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                try:
+                    object.__setattr__(self, name, value := Gate(**value))
+                except TypeError as e:  # a key it does not have, or one missing
+                    raise ValueError(f"grabcut {name}: {e}") from None
+            if value is not None and not isinstance(value, Gate):
+                raise ValueError(f"grabcut {name} must be a Gate or its dict, got {type(value).__name__}")
+        check_option_fields(self, "grabcut", counts=("band", "iters"), non_negative=("min_shift", "low_gain"))
+        if self.low_gain and not (self.gate and self.low_gate and self.low_gate.features == LOW_GATE_FEATURES):
+            raise ValueError("grabcut low_gain needs a gate and a low_gate that reads LOW_GATE_FEATURES")
 
     @classmethod
     def parse(cls, value):
@@ -133,7 +151,7 @@ class GrabCut:
 
     def __str__(self):
         return (f"{self.band}:{self.iters}" + (f":{self.min_shift:g}" if self.min_shift else "")
-                + (" gated" if self.gate else ""))
+                + (" gated" if self.gate else "") + (f", low gain x{self.low_gain:g}" if self.low_gain else ""))
 
     def to_dict(self):
         return asdict(self)
@@ -227,13 +245,14 @@ def gate_features(rgb, prob, coarse, cut, gradient=None):
     ])
 
 
-def grabcut_probs(rgb, probs, opt, where=None, coarse=None):
+def grabcut_probs(rgb, probs, opt, where=None, coarse=None, rerun=None):
     """GrabCut-finish probabilities in place: probs is N x H x W float32 in [0, 1] on the photo `rgb` (H x W x 3
     uint8 RGB), or on its crop `where` (a pair of slices). A pixel GrabCut moves to the other side keeps its
     confidence (p becomes 1 - p, at least 0.02 from 0.5), so the binarised output is GrabCut's and a soft output
     stays soft. `coarse` (N x H x W, the masks refinement started from) is needed when `opt.min_shift` or
     `opt.gate` is set; a mask whose gate says no, and every mask of a photo larger than the gate covers, keeps
-    the model's output."""
+    the model's output. `rerun(indices, factor)`: the model's probabilities for those masks with its skip gain
+    times factor, for `opt.low_gain` (without it, or without a low gain, only the first look is taken)."""
     if not opt:
         return probs
     if (opt.min_shift or opt.gate) and coarse is None:
@@ -243,14 +262,33 @@ def grabcut_probs(rgb, probs, opt, where=None, coarse=None):
     rgb = rgb if where is None else rgb[where]
     bgr = np.ascontiguousarray(rgb[..., ::-1])
     gradient = photo_gradient(rgb) if opt.gate and len(probs) > 1 else None  # one per photo, not per mask
+    second_look = bool(opt.low_gain) and rerun is not None
+    cuts, looks = {}, {}  # the masks that wait for a second look (photos the gate covers: up to ~1000 px)
     for k, p in enumerate(probs):
         if opt.min_shift and boundary_shift(p, coarse[k]) < opt.min_shift:
             continue
-        fg = p > 0.5
-        cut = grabcut_mask(bgr, fg, opt.band, opt.iters)
-        if opt.gate and opt.gate.logit(gate_features(rgb, p, coarse[k], cut, gradient)) <= 0:
-            continue
-        moved = cut != fg
-        flipped = 1.0 - p[moved]
-        p[moved] = np.where(cut[moved], np.maximum(flipped, 0.52), np.minimum(flipped, 0.48))
+        cut = grabcut_mask(bgr, p > 0.5, opt.band, opt.iters)
+        if opt.gate:
+            looks[k] = gate_features(rgb, p, coarse[k], cut, gradient)
+            if opt.gate.logit(looks[k]) <= 0:
+                continue
+        if second_look:
+            cuts[k] = cut
+        else:
+            _take_cut(p, cut)
+    if cuts:
+        chosen = sorted(cuts)
+        for k, low in zip(chosen, rerun(chosen, opt.low_gain)):
+            low = np.asarray(low, np.float32)
+            cut = grabcut_mask(bgr, low > 0.5, opt.band, opt.iters)
+            if opt.low_gate.logit(np.concatenate([looks[k], gate_features(rgb, low, coarse[k], cut, gradient)])) > 0:
+                probs[k], cuts[k] = low, cut
+            _take_cut(probs[k], cuts[k])
     return probs
+
+
+def _take_cut(p, cut):
+    """p (H x W, in place) takes the cut's sides, keeping its confidence."""
+    moved = cut != (p > 0.5)
+    flipped = 1.0 - p[moved]
+    p[moved] = np.where(cut[moved], np.maximum(flipped, 0.52), np.minimum(flipped, 0.48))

@@ -2,7 +2,7 @@
 
 Why: the decoder places a boundary from stride-2 features, a pixel or two off the photo's own edge; a guided
 filter of radius 1 pulls a probability step onto the nearest colour edge and leaves it alone where the photo
-has none (there it only averages). Measured on held-out photos (docs/demo_model.md, "Edge snap"): it adds 1-3
+has none (there it only averages). Measured on held-out photos (docs/experiments.md, "Edge snap"): it adds 1-3
 mBA to masks from an 8-16x lower-resolution segmenter and costs good (4x) masks where the labels do not sit
 on the colour edge, so it is opt-in; a checkpoint may carry one (`meta["edge_snap"]`), the shipped ones do not.
 `min_shift` gates it to the masks that refinement moved (those the model found coarse).

@@ -8,6 +8,7 @@ The decoder is evaluated in a factored but exact form. The MLP's first layer is 
 we project the 256-d feature map to 32-d once (`project`), gather 32-d vectors instead of 256-d ones, and add
 the position terms, which depend on the query row or the query column only. See `decode_rows`.
 """
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -316,6 +317,21 @@ class CRM(nn.Module):
     def mask_logit(self, prior):
         """The skip's share of the logit for a mask in [-1, 1] at the query points, or None without a skip."""
         return self.mask_gain * prior if self.cfg.mask_skip else None
+
+    @contextmanager
+    def mask_gain_times(self, factor):
+        """Within the block the skip's gain is `factor` times its own: below 1 the model trusts its input mask
+        less and corrects more (the GrabCut gate's second look at masks it finds coarse, `crm_d2.grabcut`)."""
+        if not self.cfg.mask_skip:
+            raise ValueError("this model has no mask skip, so there is no gain to scale")
+        gain = self.mask_gain.detach().clone()
+        with torch.no_grad():
+            self.mask_gain.mul_(float(factor))
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                self.mask_gain.copy_(gain)
 
     def encode(self, x):
         """x: Bx4xhxw (normalised RGB + mask in [-1, 1]) -> feature map Bx(4*width)xceil(h/2)xceil(w/2)."""

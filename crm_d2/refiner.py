@@ -5,6 +5,7 @@ normalisation, scales 1/8..1, soft chaining between scales, every pixel decoded 
 organised so that memory is bounded by a budget, not by the image size (see `_refine_stack`).
 """
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -46,16 +47,18 @@ class Refiner(FastMode):
         edge_snap: a guided filter of the refined probability with the photo as guide (`crm_d2.guided`): an
             int radius, "RADIUS:PASSES:EPS[:MIN_SHIFT]", an EdgeSnap, or "off"/False; default: the checkpoint's own
             `meta["edge_snap"]`, else off (the demo model and the authors' checkpoint carry none). It helps
-            coarse masks (8-16x) and costs good ones (docs/demo_model.md, "Edge snap").
+            coarse masks (8-16x) and costs good ones (docs/experiments.md, "Edge snap").
         rounds: refine again, from its own probability, each mask that the last round still moved by at least
             MIN_SHIFT px on average, up to COUNT rounds (`crm_d2.schedule.Rounds`): an int COUNT, "COUNT:MIN_SHIFT",
             or a Rounds; default: the checkpoint's own `meta["rounds"]`, else 1 (one pass of the schedule).
         grabcut: the pixels within BAND px of the refined boundary decided again by OpenCV's GrabCut with the
             photo (`crm_d2.grabcut`), after the edge snap: an int BAND, "BAND[:ITERS[:MIN_SHIFT]]", a GrabCut, or
             "off"/False; default: the checkpoint's own `meta["grabcut"]`, else off. The demo model's own is a
-            1-px band kept per mask only where its gate predicts a gain (docs/demo_model.md, "GrabCut gate"); a
-            band given here cuts every mask, which helps masks from a 16x lower-resolution segmenter and costs
-            good ones ("GrabCut finish").
+            1-px band kept per mask only where its gate predicts a gain, and for those masks, in whole-image
+            mode (not ROI), a second look: the model run again trusting the coarse mask less, cut too, and the
+            better cut kept (docs/demo_model.md, "After the model"). A band given here cuts every mask, which
+            helps masks from a 16x lower-resolution segmenter and costs good ones (docs/experiments.md,
+            "GrabCut finish").
     """
 
     def __init__(self, weights="demo", device=None, scales=None, memory_budget=512 << 20, max_batch=8,
@@ -88,6 +91,8 @@ class Refiner(FastMode):
         self.rounds = (Rounds.parse(meta.get("rounds")) or Rounds()) if rounds is None else rounds
         cut = GrabCut.parse(grabcut)
         self.grabcut = (GrabCut.parse(meta.get("grabcut")) or False) if cut is None else cut
+        if self.grabcut and self.grabcut.low_gain and not self.model.cfg.mask_skip:
+            raise ValueError("grabcut low_gain scales the mask skip's gain, and this model has no mask skip")
         self.memory_budget = int(memory_budget)
         self.max_batch = max(1, int(max_batch))
         self.amp = bool(amp)
@@ -147,6 +152,8 @@ class Refiner(FastMode):
                     crops = torch.cat([img_t[..., b.y0 : b.y1, b.x0 : b.x1] for _, b in part])
                     crop_masks = np.stack([masks[i][b.slices] for i, b in part])
                     out = self._run_rounds(crops, crop_masks, scales, max_side, min_side)
+                    # no second look at the GrabCut gate's masks here: in a crop of a scene the model, trusting the
+                    # mask less, grows a part or an instance into its neighbours (docs/demo_model.md)
                     for (i, b), p, coarse in zip(part, out, crop_masks):
                         probs[i] = masks[i]
                         probs[i][b.slices] = self._finish(image, p[None], coarse[None], b.slices)[0]
@@ -154,19 +161,39 @@ class Refiner(FastMode):
             for start in range(0, len(live), self.max_batch):
                 part = live[start : start + self.max_batch]
                 chunk = masks[part]
-                probs[part] = self._finish(image, self._run_rounds(img_t, chunk, scales, max_side), chunk)
+                again = self._rerun(img_t, chunk, scales, max_side)
+                probs[part] = self._finish(image, self._run_rounds(img_t, chunk, scales, max_side), chunk, None, again)
         return format_output(probs, output)
 
-    def _finish(self, image, probs, coarse, where=None):
-        """The photo-guided steps after the model: the edge snap, then the GrabCut finish (each when set)."""
-        steps = ((self.edge_snap, snap_probs, "edge_snap_s"), (self.grabcut, grabcut_probs, "grabcut_s"))
-        for opt, run, key in steps:
+    def _finish(self, image, probs, coarse, where=None, rerun=None):
+        """The photo-guided steps after the model: the edge snap, then the GrabCut finish (each when set).
+        rerun: `_rerun`'s function, for the GrabCut gate's second look at the masks it cuts (its output is
+        snapped as the first run's was)."""
+        if self.edge_snap and rerun is not None:
+            rerun = partial(self._snapped, image, rerun, coarse, where)
+        steps = ((self.edge_snap, snap_probs, {}, "edge_snap_s"),
+                 (self.grabcut, grabcut_probs, {"rerun": rerun}, "grabcut_s"))
+        for opt, run, extra, key in steps:
             if opt:
                 t0 = time.perf_counter()
-                probs = run(image, probs, opt, where, coarse)
+                probs = run(image, probs, opt, where, coarse, **extra)
                 if self.profile is not None:
                     self.profile.append({key: time.perf_counter() - t0})
         return probs
+
+    def _snapped(self, image, rerun, coarse, where, indices, factor):
+        return snap_probs(image, rerun(indices, factor), self.edge_snap, where, coarse[list(indices)])
+
+    def _rerun(self, images, masks, scales, max_side, min_side=None):  # whole-image mode
+        """(indices, factor) -> those masks refined again with the model's mask skip gain times factor."""
+
+        def run(indices, factor):
+            indices = list(indices)
+            crops = images if images.shape[0] == 1 else images[torch.as_tensor(indices, device=images.device)]
+            with self.model.mask_gain_times(factor):
+                return self._run_rounds(crops, masks[indices], scales, max_side, min_side)
+
+        return run
 
     # ------------------------------------------------------------------------------------------- engine
     def _run_rounds(self, images, masks, scales, max_side, min_side=None):

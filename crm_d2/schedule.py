@@ -66,7 +66,7 @@ class Rounds:
 
     Why: a model with a mask skip trusts its input mask; a mask far off (16x coarse, a polygon) is only partly
     corrected in one pass, and its soft output, fed back, lets the decoder finish the job. Good masks are
-    barely moved by round 1 and stop there, so they are not drifted by repeated passes (docs/demo_model.md,
+    barely moved by round 1 and stop there, so they are not drifted by repeated passes (docs/experiments.md,
     "Rounds")."""
 
     count: int = 1

@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from crm_d2.grabcut import (GATE_FEATURES, Gate, GrabCut, gate_features, grabcut_mask, grabcut_probs,
-                            photo_gradient)
+from crm_d2.grabcut import (GATE_FEATURES, LOW_GATE_FEATURES, Gate, GrabCut, gate_features, grabcut_mask,
+                            grabcut_probs, photo_gradient)
 from crm_d2.metrics import iou
 from crm_d2.refiner import Refiner
 from crm_d2.schedule import boundary_shift
@@ -255,3 +255,106 @@ def test_cli_grabcut_is_an_output_setting(grabcut_checkpoint, check_output_setti
     _, out, finished = check_output_setting(grabcut_checkpoint, "--grabcut", "grabcut", "off", "2:x",
                                             "BAND[:ITERS[:MIN_SHIFT]]", "2", "2:1")
     assert not np.array_equal(cv2.imread(str(out / "a.png"), cv2.IMREAD_UNCHANGED), finished)
+
+
+def constant_gate(logit, features=LOW_GATE_FEATURES):
+    """A hand-made gate that always says `logit`."""
+    n = len(features)
+    return Gate(mean=[0.0] * n, scale=[1.0] * n, coef=[0.0] * n, bias=float(logit), features=features)
+
+
+def test_a_second_look_refines_the_cut_masks_again_and_its_gate_picks_the_better_cut():
+    rgb, coarse, probs = kept_and_moved()
+    truth = np.where(disc_photo()[1], 0.9, 0.1).astype(np.float32)  # soft, unlike the first look's output
+    calls = []
+
+    def rerun(indices, factor):  # the model run again with a lower gain: here it finds the disc itself
+        calls.append((list(indices), factor))
+        return np.stack([truth] * len(indices))
+
+    first = GrabCut(2, gate=shift_gate(0.5))
+    plain = grabcut_probs(rgb, probs.copy(), first, coarse=coarse)
+    take = GrabCut(2, gate=shift_gate(0.5), low_gain=0.5, low_gate=constant_gate(5.0))
+    out = grabcut_probs(rgb, probs.copy(), take, coarse=coarse, rerun=rerun)
+    assert calls == [([1], 0.5)]  # only the mask the first gate cuts is looked at again, at the option's gain
+    np.testing.assert_array_equal(out[0], probs[0])
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    np.testing.assert_array_equal(out[1] > 0.5, grabcut_mask(bgr, truth > 0.5, 2))  # the low-gain output's cut
+    assert not np.array_equal(out[1], plain[1])
+    # its gate saying no, or no way to run the model again, leaves the first look's result
+    keep = GrabCut(2, gate=shift_gate(0.5), low_gain=0.5, low_gate=constant_gate(-5.0))
+    np.testing.assert_array_equal(grabcut_probs(rgb, probs.copy(), keep, coarse=coarse, rerun=rerun), plain)
+    np.testing.assert_array_equal(grabcut_probs(rgb, probs.copy(), take, coarse=coarse), plain)
+    # the second gate reads both looks' numbers: the first's and the low-gain output's
+    seen = []
+
+    class Spy(Gate):
+        def logit(self, features):
+            seen.append(np.asarray(features))
+            return 1.0
+
+    spy = Spy(**constant_gate(0.0).__dict__)
+    grabcut_probs(rgb, probs.copy(), GrabCut(2, gate=shift_gate(0.5), low_gain=0.5, low_gate=spy), coarse=coarse,
+                  rerun=rerun)
+    low_cut = grabcut_mask(bgr, truth > 0.5, 2)
+    first_cut = grabcut_mask(bgr, probs[1] > 0.5, 2)
+    np.testing.assert_allclose(seen[0], np.concatenate([gate_features(rgb, probs[1], coarse[1], first_cut),
+                                                        gate_features(rgb, truth, coarse[1], low_cut)]))
+
+
+def test_a_second_look_is_written_with_the_checkpoint_and_checked():
+    low = GrabCut(1, gate=shift_gate(0.5), low_gain=0.5, low_gate=constant_gate(1.0))
+    assert GrabCut.parse(low.to_dict()) == low and str(low) == "1:1 gated, low gain x0.5"
+    assert GrabCut.parse(GrabCut(1, gate=shift_gate(0.5)).to_dict()).low_gain == 0  # older files: no second look
+    for bad in ({"low_gain": 0.5},  # no second gate
+                {"low_gain": 0.5, "low_gate": shift_gate(0.5).__dict__},  # a first-look gate
+                {"low_gain": -1, "low_gate": constant_gate(1.0).__dict__}):
+        with pytest.raises(ValueError, match="grabcut"):
+            GrabCut.parse({"band": 1, "gate": shift_gate(0.5).__dict__, **bad})
+    with pytest.raises(ValueError, match="low_gain"):
+        GrabCut(1, low_gain=0.5, low_gate=constant_gate(1.0))  # without a first gate
+    fitted = Gate.fit(np.random.default_rng(0).normal(size=(40, len(LOW_GATE_FEATURES))), np.arange(40) % 2,
+                      names=LOW_GATE_FEATURES)
+    assert fitted.features == LOW_GATE_FEATURES and len(fitted.coef) == len(LOW_GATE_FEATURES)
+
+
+def test_mask_gain_times_scales_the_skip_within_its_block_only():
+    from crm_d2.checkpoint import load_model
+    from crm_d2.model import CRM, CRMConfig
+
+    model = load_model("demo", "cpu")
+    gain = model.mask_gain.item()
+    with model.mask_gain_times(0.5):
+        assert model.mask_gain.item() == pytest.approx(gain / 2)
+    assert model.mask_gain.item() == gain
+    with pytest.raises(RuntimeError), model.mask_gain_times(0.25):
+        raise RuntimeError("a failure inside")
+    assert model.mask_gain.item() == gain  # restored however the block ends
+    with pytest.raises(ValueError, match="mask skip"), CRM(CRMConfig.preset("tiny")).mask_gain_times(0.5):
+        pass
+
+
+def test_refiner_takes_a_second_look_with_the_model_trusting_the_mask_less(demo_checkpoint, scene,
+                                                                            roi_keeps_coarse_outside):
+    img, gt, coarse = scene
+    c = (coarse > 127).astype(np.float32)[None]
+    opt = GrabCut(2, gate=shift_gate(0.0), low_gain=0.5, low_gate=constant_gate(5.0))
+    path = demo_checkpoint({"scales": [1.0], "grabcut": opt.to_dict()})
+    own = Refiner(str(path), device="cpu")
+    off = Refiner(str(path), device="cpu", grabcut="off")
+    raw = off.refine(img, coarse)
+    with off.model.mask_gain_times(0.5):
+        low = off.refine(img, coarse)
+    assert not np.array_equal(low, raw)  # trusting the coarse mask less changes the output on this scene
+    expect = grabcut_probs(img, raw[None].copy(), opt, coarse=c, rerun=lambda idx, f: low[None])[0]
+    np.testing.assert_array_equal(own.refine(img, coarse), expect)
+    first_only = grabcut_probs(img, raw[None].copy(), GrabCut(2, gate=shift_gate(0.0)), coarse=c)[0]
+    assert not np.array_equal(expect, first_only)
+    # ROI mode (parts and instances of a scene) takes the first look only, and keeps the coarse mask outside it
+    no_second = Refiner(str(path), device="cpu", grabcut=GrabCut(2, gate=shift_gate(0.0)))
+    roi = own.refine(img, coarse, roi=True, margin=0.1)
+    np.testing.assert_array_equal(roi, no_second.refine(img, coarse, roi=True, margin=0.1))
+    roi_keeps_coarse_outside(roi, coarse, 0.1, off.refine(img, coarse, roi=True, margin=0.1))
+    assert own.model.mask_gain.item() == off.model.mask_gain.item()
+    with pytest.raises(ValueError, match="no mask skip"):
+        Refiner(None, allow_random=True, config="tiny", device="cpu", grabcut=opt)

@@ -194,7 +194,7 @@ def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp
 
 
 def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_into_the_model(tmp_path):
-    from crm_d2.grabcut import GrabCut
+    from crm_d2.grabcut import LOW_GATE_FEATURES, GrabCut
     from crm_d2.train.synthetic import write_pairs_folder
 
     write_pairs_folder(tmp_path / "data" / "ecssd", 70, size=(64, 80), seed=3)
@@ -222,3 +222,15 @@ def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_i
     assert isinstance(gated.grabcut, GrabCut) and gated.grabcut.band == 2 and gated.grabcut.gate is not None
     assert gated.grabcut.gate.max_side == 80  # the largest photo it was fitted on
     assert gated.model.meta["grabcut_calibration"]["dev_photos"] == 4 and gated.scales == "auto"
+    # the second look (a model with a mask skip): every mask refined again at half the gain and cut, and a second
+    # gate fitted; this model gives back its coarse mask at any gain, so that cut is the first one's
+    assert gated.grabcut.low_gain == 0.5 and gated.grabcut.low_gate.features == LOW_GATE_FEATURES
+    assert "gated + low gain (folds)" in res["folds"]
+    assert all(r["low"] == r["cut"] and len(r["low_features"]) == len(LOW_GATE_FEATURES) for r in res["rows"])
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_grabcut.py"), "--weights", str(weights),
+                          "--output", str(tmp_path / "first_only.pth"), "--data", str(tmp_path / "data"),
+                          "--band", "2", "--recipes", "8x", "--threads", "1", "--low-gain", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first_only = Refiner(str(tmp_path / "first_only.pth"), device="cpu").grabcut
+    assert first_only.gate is not None and first_only.low_gain == 0 and first_only.low_gate is None

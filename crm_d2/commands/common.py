@@ -27,20 +27,21 @@ def add_model_arguments(parser, weights_default="demo"):
                              "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] or 'off' (default: the model's own; the demo model "
                              "and the authors' file have none). 1:1:0.01 helps masks from an 8-16x lower-resolution "
                              "segmenter and costs good ones; 1:2:0.003:0.3 snaps only masks that refinement moved "
-                             "(docs/demo_model.md, 'Edge snap')")
+                             "(docs/experiments.md, 'Edge snap')")
     parser.add_argument("--rounds", default=None, metavar="COUNT[:MIN_SHIFT]", type=rounds_argument,
                         help="refine again, from its own output, each mask that the last round moved by at least "
                              "MIN_SHIFT px on average, up to COUNT rounds (default: the model's own; 1 for a model "
                              "that says none). 3:0.3 helps single-object 16x-coarse and polygon masks, leaves good "
-                             "ones as one round gives them, and costs touching part regions (docs/demo_model.md, "
+                             "ones as one round gives them, and costs touching part regions (docs/experiments.md, "
                              "'Rounds')")
     parser.add_argument("--grabcut", default=None, metavar="BAND[:ITERS[:MIN_SHIFT]]", type=grabcut_argument,
                         help="decide the pixels within BAND px of the refined boundary again with OpenCV's GrabCut "
                              "(crm_d2.grabcut), after the edge snap: BAND[:ITERS[:MIN_SHIFT]] or 'off' (default: the "
-                             "model's own: the demo model's is a 1-px band cut only where its gate predicts a gain; "
+                             "model's own: the demo model's is a 1-px band cut only where its gate predicts a gain, "
+                             "with a second look at those masks trusting the coarse mask less (not in ROI mode); "
                              "the authors' file has none). A band given here cuts every mask: 2 helps masks from a "
                              "16x lower-resolution segmenter and polygons, and costs good ones (docs/demo_model.md, "
-                             "'GrabCut gate', 'GrabCut finish')")
+                             "'After the model'; docs/experiments.md, 'GrabCut finish')")
 
 
 def model_settings(args):

@@ -2,7 +2,7 @@
 
 Why: mBA at 300-900 px scores a band of one to three pixels, so a label that sits half a pixel off the photo's
 edges decides much of it. CCP's masks lie about 0.56 px right of and 0.25 px below its photos' edges; PASCAL-S's
-(several annotators' masks averaged) lie inside their objects' right and bottom edges (docs/demo_model.md,
+(several annotators' masks averaged) lie inside their objects' right and bottom edges (docs/experiments.md,
 "Label registration"). A training source can be told its offset (`label_offset`, `crm_d2.train.data`).
 
 How: along x (and y), at every pair of neighbouring pixels where the mask changes, compare the photo's colour
