@@ -261,8 +261,9 @@ def grabcut_probs(rgb, probs, opt, where=None, coarse=None, rerun=None):
         return probs
     rgb = rgb if where is None else rgb[where]
     bgr = np.ascontiguousarray(rgb[..., ::-1])
-    gradient = photo_gradient(rgb) if opt.gate and len(probs) > 1 else None  # one per photo, not per mask
     second_look = bool(opt.low_gain) and rerun is not None
+    # one per photo, not per mask (nor per look)
+    gradient = photo_gradient(rgb) if opt.gate and (len(probs) > 1 or second_look) else None
     cuts, looks = {}, {}  # the masks that wait for a second look (photos the gate covers: up to ~1000 px)
     for k, p in enumerate(probs):
         if opt.min_shift and boundary_shift(p, coarse[k]) < opt.min_shift:
