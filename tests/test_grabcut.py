@@ -192,6 +192,35 @@ def test_gate_fit_learns_a_rule_from_examples_and_weights_count():
         Gate(**{**gate.__dict__, "features": ("shift",) + GATE_FEATURES[1:-1] + ("other",)})
 
 
+def test_a_gate_with_pairs_learns_what_two_numbers_say_together_and_round_trips(tmp_path):
+    """A mask far off (large shift) helped by the cut only where its coarse mask is smooth: no linear rule tells
+    that apart, the products of two features do; the fitted gate travels with its checkpoint."""
+    from crm_d2.checkpoint import load_model, save_checkpoint
+    from crm_d2.model import CRM, CRMConfig
+
+    rng = np.random.default_rng(1)
+    x = np.abs(rng.normal(1.0, 1.0, (800, len(GATE_FEATURES))))
+    helped = (x[:, 0] > 1.0) == (x[:, 7] < 1.0)  # an interaction: shift and coarse roughness together
+    linear, pairs = Gate.fit(x, helped, l2=1.0), Gate.fit(x, helped, l2=1.0, pairs=True)
+    f = len(GATE_FEATURES)
+    assert pairs.pairs and len(pairs.coef) == f + f * (f + 1) // 2 and len(pairs.base_mean) == f
+    fresh = np.abs(rng.normal(1.0, 1.0, (800, len(GATE_FEATURES))))
+    truth = (fresh[:, 0] > 1.0) == (fresh[:, 7] < 1.0)
+    assert np.mean((linear.logit(fresh) > 0) == truth) < 0.7 < 0.85 < np.mean((pairs.logit(fresh) > 0) == truth)
+    assert pairs.logit(fresh[0]) == pytest.approx(pairs.logit(fresh[:1])[0])  # one mask or N
+    low = Gate.fit(np.concatenate([x, x], 1), helped, names=LOW_GATE_FEATURES, pairs=True)
+    opt = GrabCut(1, gate=pairs, low_gain=0.5, low_gate=low)
+    assert GrabCut.parse(opt.to_dict()) == opt
+    model = CRM(CRMConfig(layers=(1, 1, 1), width=8, mask_skip=True))
+    back = load_model(save_checkpoint(tmp_path / "m.pth", model, meta={"grabcut": opt.to_dict()}), "cpu")
+    again = GrabCut.parse(back.meta["grabcut"])
+    assert np.allclose(again.gate.logit(fresh), pairs.logit(fresh)) and again.low_gate.pairs
+    with pytest.raises(ValueError, match="with pairs over 9 features needs 54"):
+        Gate(**{**pairs.__dict__, "coef": pairs.coef[:f], "mean": pairs.mean[:f], "scale": pairs.scale[:f]})
+    with pytest.raises(ValueError, match="base means"):
+        Gate(**{**linear.__dict__, "base_mean": (0.0,) * f, "base_scale": (1.0,) * f})
+
+
 def test_a_gate_does_not_cut_photos_larger_than_it_was_fitted_on():
     rgb, coarse, probs = kept_and_moved()
     gated = grabcut_probs(rgb, probs.copy(), GrabCut(2, gate=shift_gate(0.5)), coarse=coarse)

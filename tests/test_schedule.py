@@ -206,7 +206,7 @@ def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_i
     weights = _skip_checkpoint(tmp_path, {"scales": "auto"})  # gives back its coarse mask
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_grabcut.py"), "--weights", str(weights),
                           "--output", str(tmp_path / "gated.pth"), "--data", str(tmp_path / "data"), "--every", "1",
-                          "--band", "2", "--recipes", "8x", "16x", "--threads", "1",
+                          "--band", "2", "--recipes", "8x", "16x", "--threads", "1", "--train-every", "0",
                           "--json", str(tmp_path / "g.json")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -221,6 +221,7 @@ def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_i
     gated = Refiner(str(tmp_path / "gated.pth"), device="cpu")
     assert isinstance(gated.grabcut, GrabCut) and gated.grabcut.band == 2 and gated.grabcut.gate is not None
     assert gated.grabcut.gate.max_side == 80  # the largest photo it was fitted on
+    assert gated.grabcut.gate.pairs and gated.grabcut.low_gate.pairs  # the default gate reads pairs of features
     assert gated.model.meta["grabcut_calibration"]["dev_photos"] == 4 and gated.scales == "auto"
     # the second look (a model with a mask skip): every mask refined again at half the gain and cut, and a second
     # gate fitted; this model gives back its coarse mask at any gain, so that cut is the first one's
@@ -229,8 +230,58 @@ def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_i
     assert all(r["low"] == r["cut"] and len(r["low_features"]) == len(LOW_GATE_FEATURES) for r in res["rows"])
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_grabcut.py"), "--weights", str(weights),
                           "--output", str(tmp_path / "first_only.pth"), "--data", str(tmp_path / "data"),
-                          "--band", "2", "--recipes", "8x", "--threads", "1", "--low-gain", "0"],
+                          "--band", "2", "--recipes", "8x", "--threads", "1", "--low-gain", "0", "--gate", "linear"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     first_only = Refiner(str(tmp_path / "first_only.pth"), device="cpu").grabcut
     assert first_only.gate is not None and first_only.low_gain == 0 and first_only.low_gate is None
+    assert not first_only.gate.pairs and len(first_only.gate.coef) == len(first_only.gate.features)
+
+
+def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_from_its_cache(tmp_path):
+    """--train-every N adds every N-th training photo to what the gates are fitted on, never to the folds' table;
+    --workers measures photos in processes; --cache keeps each photo's rows, resumes, and refuses other settings."""
+    from crm_d2.train.synthetic import write_pairs_folder
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from heldout_eval import dev_items, training_items
+
+    write_pairs_folder(tmp_path / "data" / "ecssd", 40, size=(64, 80), seed=5)
+    assert len(dev_items(tmp_path / "data", every=1)) == 2 and len(training_items(tmp_path / "data")) == 36
+    weights = _skip_checkpoint(tmp_path, {"scales": "auto"})
+
+    def calibrate(name, *extra):
+        out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_grabcut.py"), "--weights", str(weights),
+                              "--output", str(tmp_path / f"{name}.pth"), "--data", str(tmp_path / "data"),
+                              "--band", "2", "--recipes", "8x", "--threads", "1",
+                              "--json", str(tmp_path / f"{name}.json"), *extra], capture_output=True, text=True, timeout=300)
+        return out, (json.loads((tmp_path / f"{name}.json").read_text()) if out.returncode == 0 else None)
+
+    cache = tmp_path / "cache"
+    out, res = calibrate("a", "--train-every", "12", "--workers", "2", "--cache", str(cache))
+    assert out.returncode == 0, out.stderr
+    assert "2 development and 3 training photos" in out.stderr
+    splits = [r["split"] for r in res["rows"]]
+    assert splits == ["dev"] * 2 + ["train"] * 3
+    dev = [r for r in res["rows"] if r["split"] == "dev"]  # the folds' table reads the development photos only
+    assert res["folds"]["always"]["8x"]["mba"] == pytest.approx(100 * np.mean([r["cut"][2] - r["coarse"][2]
+                                                                                for r in dev]))
+    assert len(list(cache.glob("*_syn*.json"))) == 5
+    cal = Refiner(str(tmp_path / "a.pth"), device="cpu").model.meta["grabcut_calibration"]
+    assert cal["dev_photos"] == 2 and cal["train_photos"] == 3
+
+    one, plain = calibrate("b", "--train-every", "12")  # one process, no cache: the same rows
+    assert one.returncode == 0, one.stderr
+    for a, b in zip(res["rows"], plain["rows"]):
+        assert a["photo"] == b["photo"] and a["cut"] == b["cut"]
+        assert np.allclose(a["features"], b["features"], rtol=1e-5, atol=1e-6)
+
+    next(cache.glob("train_*.json")).unlink()  # a run killed before its last photo: the rest is read back
+    out, again = calibrate("c", "--train-every", "12", "--cache", str(cache))
+    assert out.returncode == 0, out.stderr
+    assert " 4/5 " in out.stderr  # the progress starts at the four photos already measured
+    assert [r["cut"] for r in again["rows"]] == [r["cut"] for r in res["rows"]]
+    assert len(list(cache.glob("*_syn*.json"))) == 5
+
+    out, _ = calibrate("d", "--train-every", "12", "--cache", str(cache), "--band", "1")  # other settings
+    assert out.returncode != 0 and "other settings" in out.stderr and "band" in out.stderr

@@ -40,13 +40,19 @@ RECIPES = ("4x", "8x", "16x", "polygon")
 MIN_REGION = 0.002  # --regions: label regions smaller than this share of the image are not scored
 
 
-def heldout_split(root):
-    """Every held-out item of the sources (every 10th of each, sorted by name): no training config reads them."""
+def heldout_split(root, part="val"):
+    """Every held-out item of the sources (every 10th of each, sorted by name): no training config reads them.
+    part="train": the other items, which the training configs read."""
     specs = [{"type": "pairs", "root": str(Path(root) / s), "holdout_every": 10} for s in SOURCES
              if (Path(root) / s).is_dir()]
     if not specs:
         raise FileNotFoundError(f"no {'/'.join(SOURCES)} folders in {root}")
-    return build_items(specs, "val")
+    return build_items(specs, part)
+
+
+def training_items(root):
+    """The items the training configs read (tools/calibrate_grabcut.py --train-every)."""
+    return heldout_split(root, "train")
 
 
 JUDGED_EVERY = 3  # the photos this tool judges: every 3rd held-out item (84); the others are development photos
