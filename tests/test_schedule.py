@@ -285,3 +285,5 @@ def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_
 
     out, _ = calibrate("d", "--train-every", "12", "--cache", str(cache), "--band", "1")  # other settings
     assert out.returncode != 0 and "other settings" in out.stderr and "band" in out.stderr
+    out, _ = calibrate("e", "--train-every", "6", "--cache", str(cache))  # other photos, other polygon seeds
+    assert out.returncode != 0 and "other settings" in out.stderr and "train_every" in out.stderr

@@ -120,15 +120,17 @@ def model_fingerprint(refiner):
     return digest.hexdigest()[:16]
 
 
-def measure(refiner, jobs, recipes, cut, low_gain=0.0, workers=1, threads=1, cache=None, weights=None):
+def measure(refiner, jobs, recipes, cut, low_gain=0.0, workers=1, threads=1, cache=None, weights=None,
+            photos=None):
     """The rows of every job's photo, in job order. `cache`: a folder keeping each photo's rows as it is
-    measured, so that a killed run resumes where it stopped; it refuses rows made under other settings.
-    `workers` > 1: photos are measured in that many processes, `threads` torch threads each."""
+    measured, so that a killed run resumes where it stopped; it refuses rows made under other settings, `photos`
+    (what chose the photos and their seeds) included. `workers` > 1: photos are measured in that many processes,
+    `threads` torch threads each."""
     done = {}
     if cache:
         cache = Path(cache)
         check_run_settings(cache, {"model": model_fingerprint(refiner), "band": cut.band, "iters": cut.iters,
-                                   "low_gain": low_gain, "recipes": list(recipes)}, redo_flag=None)
+                                   "low_gain": low_gain, "recipes": list(recipes), "photos": photos or {}})
         for job in jobs:
             path = cache / (job[0].replace("/", "_") + ".json")
             if path.is_file():
@@ -247,7 +249,8 @@ def main(argv=None):
           f"rounds {refiner.rounds}, edge snap {refiner.edge_snap or 'off'}; GrabCut band {cut.band}, iters "
           f"{cut.iters}; {look}", file=sys.stderr)
     with torch.no_grad():
-        rows = measure(refiner, jobs, args.recipes, cut, low_gain, args.workers, threads, args.cache, args.weights)
+        rows = measure(refiner, jobs, args.recipes, cut, low_gain, args.workers, threads, args.cache, args.weights,
+                       {"data": str(Path(args.data).resolve()), "every": args.every, "train_every": args.train_every})
     # folds by development photo; training photos are always on the fitting side, and never in the table
     dev = [r for r in rows if r["split"] == "dev"]
     folds = np.array([r["photo"] % FOLDS for r in dev])
