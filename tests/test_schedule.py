@@ -254,7 +254,8 @@ def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_
         out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_grabcut.py"), "--weights", str(weights),
                               "--output", str(tmp_path / f"{name}.pth"), "--data", str(tmp_path / "data"),
                               "--band", "2", "--recipes", "8x", "--threads", "1",
-                              "--json", str(tmp_path / f"{name}.json"), *extra], capture_output=True, text=True, timeout=300)
+                              "--json", str(tmp_path / f"{name}.json"), *extra],
+                             capture_output=True, text=True, timeout=300)
         return out, (json.loads((tmp_path / f"{name}.json").read_text()) if out.returncode == 0 else None)
 
     cache = tmp_path / "cache"
@@ -264,11 +265,18 @@ def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_
     splits = [r["split"] for r in res["rows"]]
     assert splits == ["dev"] * 2 + ["train"] * 3
     dev = [r for r in res["rows"] if r["split"] == "dev"]  # the folds' table reads the development photos only
-    assert res["folds"]["always"]["8x"]["mba"] == pytest.approx(100 * np.mean([r["cut"][2] - r["coarse"][2]
-                                                                                for r in dev]))
+    always = 100 * np.mean([r["cut"][2] - r["coarse"][2] for r in dev])
+    assert res["folds"]["always"]["8x"]["mba"] == pytest.approx(always)
     assert len(list(cache.glob("*_syn*.json"))) == 5
-    cal = Refiner(str(tmp_path / "a.pth"), device="cpu").model.meta["grabcut_calibration"]
+    written = Refiner(str(tmp_path / "a.pth"), device="cpu")
+    cal = written.model.meta["grabcut_calibration"]
     assert cal["dev_photos"] == 2 and cal["train_photos"] == 3
+    from calibrate_grabcut import _as_arrays, fit_gates  # the written gates are fitted on all rows, training too
+
+    rows = [_as_arrays(r) for r in res["rows"]]
+    for fitted_on, same in ((rows, True), ([r for r in rows if r["split"] == "dev"], False)):
+        gate, _ = fit_gates(fitted_on, 10.0, 80, pairs=True)
+        assert np.allclose(gate.coef, written.grabcut.gate.coef) == same
 
     one, plain = calibrate("b", "--train-every", "12")  # one process, no cache: the same rows
     assert one.returncode == 0, one.stderr
@@ -287,3 +295,22 @@ def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_
     assert out.returncode != 0 and "other settings" in out.stderr and "band" in out.stderr
     out, _ = calibrate("e", "--train-every", "6", "--cache", str(cache))  # other photos, other polygon seeds
     assert out.returncode != 0 and "other settings" in out.stderr and "train_every" in out.stderr
+
+
+def test_training_items_leave_out_the_photos_the_demo_shows(tmp_path):
+    """The training configs exclude the demo's five CCP photos; so do the gates' training photos, after thinning
+    (the other photos keep their places and seeds)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from heldout_eval import demo_photos, heldout_split, training_items
+
+    from crm_d2.train.synthetic import write_pairs_folder
+
+    shown = demo_photos()
+    assert shown == {"ccp/0003", "ccp/0106", "ccp/0166", "ccp/0310", "ccp/0430"}
+    write_pairs_folder(tmp_path / "ccp", 30, size=(32, 40))
+    for i, f in enumerate(sorted((tmp_path / "ccp").glob("syn*.jpg"))):  # CCP-like names 0425-0454
+        f.rename(f.with_name(f"{i + 425:04d}.jpg"))
+        f.with_suffix(".png").rename(f.with_name(f"{i + 425:04d}.png"))
+    every = heldout_split(tmp_path, "train")[::2]
+    assert "ccp/0430" in {it.name for it in every}
+    assert [it.name for it in training_items(tmp_path, 2)] == [it.name for it in every if it.name != "ccp/0430"]

@@ -105,7 +105,7 @@ def photo_jobs(data, every, train_every):
     jobs = [(f"dev/{it.name}", k, "dev", it) for k, it in enumerate(dev_items(data, every))]
     if train_every:
         jobs += [(f"train/{it.name}", TRAIN_SEED + k, "train", it)
-                 for k, it in enumerate(training_items(data)[::train_every])]
+                 for k, it in enumerate(training_items(data, train_every))]
     return jobs
 
 
@@ -116,7 +116,8 @@ def model_fingerprint(refiner):
     for name, tensor in sorted(refiner.model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    digest.update(f"{refiner.scales}|{refiner.rounds}|{refiner.edge_snap}".encode())
+    digest.update(f"{refiner.model.cfg}|{refiner.scales}|{refiner.auto_base}|{refiner.rounds}|"
+                  f"{refiner.edge_snap}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -223,7 +224,8 @@ def main(argv=None):
                    help="the second look's skip gain multiplier; 0: no second look (default: 0.5, for a model "
                         "with a mask skip)")
     p.add_argument("--recipes", nargs="+", default=["4x", "8x", "16x", "polygon"])
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per process (default: torch's own, divided by --workers)")
     p.add_argument("--half", action="store_true", help="store the weights in fp16")
     p.add_argument("--json", help="write the rows' scores and the folds' table here")
     p.add_argument("--train-every", type=int, default=8,

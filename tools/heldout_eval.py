@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crm_d2.commands.common import add_scales_argument, edge_snap_argument, grabcut_argument, rounds_argument
+from crm_d2.commands.demo import SAMPLE as DEMO_SAMPLE
 from crm_d2.io import atomic_write, read_image, read_mask, write_image, write_png
 from crm_d2.inputs import option_text
 from crm_d2.metrics import RefinementMetrics
@@ -50,9 +51,17 @@ def heldout_split(root, part="val"):
     return build_items(specs, part)
 
 
-def training_items(root):
-    """The items the training configs read (tools/calibrate_grabcut.py --train-every)."""
-    return heldout_split(root, "train")
+def demo_photos():
+    """Names ("ccp/0003") of the photos `crm-d2 demo` shows, which the training configs leave out (`exclude`)."""
+    return {f.stem.replace("_", "/", 1) for f in (DEMO_SAMPLE / "images").glob("*.jpg")}
+
+
+def training_items(root, every=1):
+    """Every `every`-th of the items the training configs read (tools/calibrate_grabcut.py --train-every): the
+    training part of the split, thinned, then without the demo's photos (after thinning, so that dropping them
+    does not change which other photos are taken)."""
+    shown = demo_photos()
+    return [it for it in heldout_split(root, "train")[::every] if it.name not in shown]
 
 
 JUDGED_EVERY = 3  # the photos this tool judges: every 3rd held-out item (84); the others are development photos
