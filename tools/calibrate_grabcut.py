@@ -88,13 +88,14 @@ def _start_worker(weights, threads):
     _worker["refiner"] = Refiner(weights, device="cpu", grabcut="off")
 
 
-def _measure_job(job, recipes, cut, low_gain):
+def _measure_job(job, recipes, cut, low_gain, refiner=None):
+    """One photo's rows, with `refiner` or, in a worker process, the worker's own."""
     key, seed, split, item = job
     _, image, gts = next(load_photos([item]))
     if not gts:  # an empty ground truth (load_photos drops empty masks) has no boundary to score
         return key, []
     with torch.no_grad():
-        rows = measure_photo(_worker["refiner"], seed, image, gts, recipes, cut, low_gain)
+        rows = measure_photo(refiner or _worker["refiner"], seed, image, gts, recipes, cut, low_gain)
     return key, [{**r, "split": split} for r in rows]
 
 
@@ -132,16 +133,16 @@ def measure(refiner, jobs, recipes, cut, low_gain=0.0, workers=1, threads=1, cac
         cache = Path(cache)
         check_run_settings(cache, {"model": model_fingerprint(refiner), "band": cut.band, "iters": cut.iters,
                                    "low_gain": low_gain, "recipes": list(recipes), "photos": photos or {}})
-        for job in jobs:
-            path = cache / (job[0].replace("/", "_") + ".json")
-            if path.is_file():
-                done[job[0]] = [_as_arrays(r) for r in json.loads(path.read_text())]
+    path_of = lambda key: cache / (key.replace("/", "_") + ".json")  # noqa: E731
+    for key, *_ in jobs if cache else ():
+        if path_of(key).is_file():
+            done[key] = [_as_arrays(r) for r in json.loads(path_of(key).read_text())]
     todo = [job for job in jobs if job[0] not in done]
 
     def keep(key, rows):
         done[key] = rows
         if cache:
-            write_json(cache / (key.replace("/", "_") + ".json"), [_as_lists(r) for r in rows])
+            write_json(path_of(key), [_as_lists(r) for r in rows])
 
     progress = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="photos")
     if workers > 1 and todo:
@@ -152,9 +153,8 @@ def measure(refiner, jobs, recipes, cut, low_gain=0.0, workers=1, threads=1, cac
                 keep(key, rows)
                 progress.update()
     else:
-        _worker["refiner"] = refiner
         for job in todo:
-            keep(*_measure_job(job, recipes, cut, low_gain))
+            keep(*_measure_job(job, recipes, cut, low_gain, refiner))
             progress.update()
     progress.close()
     return [row for job in jobs for row in done[job[0]]]
@@ -284,7 +284,7 @@ def main(argv=None):
     save_checkpoint(args.output, model, model.cfg, meta=meta, half=args.half)
     print(f"wrote {args.output}: GrabCut {GrabCut.parse(meta['grabcut'])}, for photos up to {largest} px")
     if args.json:
-        Path(args.json).write_text(json.dumps({"folds": results, "rows": [_as_lists(r) for r in rows]}, indent=1))
+        write_json(args.json, {"folds": results, "rows": [_as_lists(r) for r in rows]})
     return 0
 
 
