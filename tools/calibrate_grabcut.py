@@ -42,7 +42,8 @@ from heldout_eval import coarse_mask, dev_items, load_photos, training_items  # 
 
 from crm_d2.checkpoint import save_checkpoint  # noqa: E402
 from crm_d2.commands.common import check_run_settings  # noqa: E402
-from crm_d2.grabcut import LOW_GATE_FEATURES, Gate, GrabCut, gate_features, grabcut_mask  # noqa: E402
+from crm_d2.grabcut import (LOW_GATE_FEATURES, Gate, GrabCut, gate_features, grabcut_mask,  # noqa: E402
+                            photo_gradient)
 from crm_d2.io import write_json  # noqa: E402
 from crm_d2.metrics import boundary_accuracy, intersection_union  # noqa: E402
 from crm_d2.refiner import Refiner  # noqa: E402
@@ -58,6 +59,7 @@ def measure_photo(refiner, seed, image, gts, recipes, cut, low_gain=0.0):
     with a low gain also the features of the low-gain output and the scores of its cut ("low")."""
     rows = []
     bgr = np.ascontiguousarray(image[..., ::-1])
+    gradient = photo_gradient(image)  # one per photo, as the Refiner's gates take it, not one per mask and look
     for recipe in recipes:
         coarse = [coarse_mask(g, recipe, seed) for g in gts]
         probs = refiner.refine_batch(image, coarse, output="prob")
@@ -69,12 +71,13 @@ def measure_photo(refiner, seed, image, gts, recipes, cut, low_gain=0.0):
             mask = grabcut_mask(bgr, p > 0.5, cut.band, cut.iters)
             score = lambda m: (*intersection_union(m, gt), boundary_accuracy(m, gt))  # noqa: E731
             row = {"photo": seed, "recipe": recipe, "side": max(image.shape[:2]),
-                   "features": gate_features(image, p, was, mask),
+                   "features": gate_features(image, p, was, mask, gradient),
                    "coarse": score(was > 0.5), "refined": score(p > 0.5), "cut": score(mask)}
             if low_gain:
                 low = lows[j].astype(np.float32)
                 low_cut = grabcut_mask(bgr, low > 0.5, cut.band, cut.iters)
-                row["low_features"] = np.concatenate([row["features"], gate_features(image, low, was, low_cut)])
+                row["low_features"] = np.concatenate([row["features"],
+                                                     gate_features(image, low, was, low_cut, gradient)])
                 row["low"] = score(low_cut)
             rows.append(row)
     return rows
