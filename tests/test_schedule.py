@@ -299,7 +299,7 @@ def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_
 
 def test_training_items_leave_out_the_photos_the_demo_shows(tmp_path):
     """The training configs exclude the demo's five CCP photos; so do the gates' training photos, after thinning
-    (the other photos keep their places and seeds)."""
+    (the same other photos are taken). The shipped model's recipe and the demo name the same photos."""
     sys.path.insert(0, str(ROOT / "tools"))
     from heldout_eval import demo_photos, heldout_split, training_items
 
@@ -307,6 +307,12 @@ def test_training_items_leave_out_the_photos_the_demo_shows(tmp_path):
 
     shown = demo_photos()
     assert shown == {"ccp/0003", "ccp/0106", "ccp/0166", "ccp/0310", "ccp/0430"}
+    from crm_d2.train.config import load_config
+
+    recipe = load_config(ROOT / "configs" / "crm_small_skip.yaml")  # the shipped model's
+    left_out = {f"{Path(spec['root']).name}/{stem}" for spec in recipe["data"]["train"]
+                for stem in spec.get("exclude", ())}
+    assert left_out == shown
     write_pairs_folder(tmp_path / "ccp", 30, size=(32, 40))
     for i, f in enumerate(sorted((tmp_path / "ccp").glob("syn*.jpg"))):  # CCP-like names 0425-0454
         f.rename(f.with_name(f"{i + 425:04d}.jpg"))
