@@ -3,6 +3,7 @@ takes the `device` fixture (the refiner, panoptic/instance refinement, training,
 the tests that compare with the CPU path compare the CUDA result with the CPU one. The default is CPU: nothing is
 skipped, nothing changes. Those tests carry the `device` marker (`pytest -m device` selects them)."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -42,10 +43,31 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
+    """The device under test and the versions of what the results depend on, at the top of every test log."""
+    return _header_lines(config)
+
+
+def pytest_sessionstart(session):
+    """`pytest -q` (the README's test command) shows no report header: print the same lines there."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and session.config.option.verbose < 0:
+        for line in _header_lines(session.config):
+            reporter.write_line(line)
+
+
+def _header_lines(config):
+    from importlib import metadata
+
+    found = [f"python {sys.version.split()[0]}"]
+    for dist in ("torch", "numpy", "opencv-python-headless", "pycocotools", "pytest"):
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{dist} (not found)")
     device = config.getoption("--device")
     if device != "cpu":
-        return f"crm_d2 device under test: {device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return "crm_d2 device under test: cpu"
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return [f"crm_d2 device under test: {device}", "crm_d2 dependencies: " + ", ".join(found)]
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +109,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def set_torch_flag():
+    """`set_torch_flag(torch.backends.cudnn, "allow_tf32", True)` for one test: the flag's value is read first and
+    written back at teardown. Not `monkeypatch.setattr`: on torch's backend modules such flags are properties or
+    come from a module `__getattr__`, so the attribute is not in the module's `__dict__` and monkeypatch's undo
+    deletes it instead of restoring it (an AttributeError at teardown since pytest 9.2)."""
+    saved = []
+
+    def set_flag(owner, name, value):
+        saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    yield set_flag
+    for owner, name, value in reversed(saved):
+        setattr(owner, name, value)
 
 
 @pytest.fixture(name="randomize_model")

@@ -38,7 +38,7 @@ def test_project_format_round_trip_half(tmp_path, tiny_model):
     ckpt = load_checkpoint(path)
     assert ckpt["format"] == "crm_d2" and ckpt["iteration"] == 7 and ckpt["meta"]["note"] == "x"
     model = load_model(path)
-    w = tiny_model.imnet.layers[0].weight
+    w = tiny_model.imnet.layers[0].weight.detach()
     assert model.imnet.layers[0].weight.dtype == torch.float32
     assert torch.allclose(model.imnet.layers[0].weight, w, atol=1e-2 * float(w.abs().max()))
 

@@ -308,7 +308,7 @@ def test_amp_encoder_is_close_to_fp32(refiner, scene):
 
 
 @pytest.mark.parametrize("case", ["exact", "roi", "fast", "tf32"])
-def test_device_agrees_with_cpu(refiner, scene, case, monkeypatch):
+def test_device_agrees_with_cpu(refiner, scene, case, set_torch_flag):
     """The device under test against the CPU path on the same weights and inputs (on CPU: the CPU path against
     itself, bit for bit). Exact mode and ROI to float tolerance; fast mode to float tolerance except where a band
     cell sits on a threshold; TF32 convolutions (PyTorch's CUDA default, off in the CUDA test run) to the bf16
@@ -319,8 +319,8 @@ def test_device_agrees_with_cpu(refiner, scene, case, monkeypatch):
     refiner.mode = "fast" if case == "fast" else "exact"
     cpu = cpu_twin(refiner)
     if case == "tf32":
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        set_torch_flag(torch.backends.cudnn, "allow_tf32", True)
+        set_torch_flag(torch.backends.cuda.matmul, "allow_tf32", True)
     got = refiner.refine_batch(img, masks, **kwargs)
     want = cpu.refine_batch(img, masks, **kwargs)
     diff = np.abs(got - want)
