@@ -27,7 +27,7 @@ def resolve_weights(weights):
         if not path.exists():
             raise FileNotFoundError(
                 f"the built-in {weights!r} model is not in this install ({path}); train one with "
-                "`crm-d2 train --config configs/crm_demo.yaml` or pass --weights PATH"
+                "`crm-d2 train --config configs/training/crm_demo.yaml` or pass --weights PATH"
             )
         return path
     return Path(weights)

@@ -6,7 +6,7 @@ Why: the model places a boundary from stride-2 features and, with its mask skip,
 graph cut over the photo's colours moves a boundary that is a few pixels off onto the object's edge. It also
 moves good boundaries where the labels do not follow the photo's colour edges, so on its own it is opt-in
 (`--grabcut 2`: held-out 16x masks +2.8 -> +8.9 mBA, good 4x masks -12.9). A checkpoint may carry a `Gate`
-fitted for its model (`tools/calibrate_grabcut.py`) that keeps each mask's cut only where it predicts a gain;
+fitted for its model (`tools/maintain/calibrate_grabcut.py`) that keeps each mask's cut only where it predicts a gain;
 the shipped demo model does, so a gated 1-px cut is its default (docs/demo_model.md, "After the model").
 `min_shift` gates it to the masks that refinement moved, as the edge snap's does. For a model with a mask skip,
 `low_gain` takes a second look at the masks the gate cuts: such a mask is far off, so the model is run on it again
@@ -45,7 +45,7 @@ LOW_GATE_FEATURES = GATE_FEATURES + tuple(f"low_{name}" for name in GATE_FEATURE
 @dataclass(frozen=True)
 class Gate:
     """Whether GrabCut will sharpen a mask: a logistic model over `gate_features` (signed log1p, standardised)
-    that `tools/calibrate_grabcut.py` fits on development photos for one model and writes into its checkpoint.
+    that `tools/maintain/calibrate_grabcut.py` fits on development photos for one model and writes into its checkpoint.
 
     Why: GrabCut gains where the refined mask is still far off and the object's edge is a colour edge, and loses
     where a good mask follows a label that the photo's edges do not show. No single number tells the two apart
@@ -78,7 +78,7 @@ class Gate:
         if self.features not in (GATE_FEATURES, LOW_GATE_FEATURES):
             raise ValueError(f"this grabcut gate reads features {list(self.features)}; this version of crm_d2 "
                              f"computes {list(GATE_FEATURES)} (and low_ ones): calibrate it again "
-                             f"(tools/calibrate_grabcut.py)")
+                             f"(tools/maintain/calibrate_grabcut.py)")
         f = len(self.features)
         inputs = f + f * (f + 1) // 2 if self.pairs else f
         if not len(self.mean) == len(self.scale) == len(self.coef) == inputs:

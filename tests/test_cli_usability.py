@@ -101,7 +101,8 @@ def test_title_outline_follows_the_text(side_by_side=side_by_side):
     grey = np.full((60, 400, 3), 128, np.uint8)
     tile = side_by_side(grey, [("ground truth", np.zeros((60, 400), np.uint8), [])])
     white = np.flatnonzero((tile.min(2) > 220).any(0))
-    black = np.flatnonzero((tile.max(2) < 30).any(0))
+    # the outline: darker than the grey by more than half (OpenCV 4 draws anti-aliased strokes fainter than 5)
+    black = np.flatnonzero((tile.max(2) < 48).any(0))
     # the outline hugs the letters: it ends within a few pixels of where the white text ends
     assert len(white) and len(black) and abs(int(black[-1]) - int(white[-1])) <= 4
     assert abs(int(black[0]) - int(white[0])) <= 4

@@ -27,7 +27,7 @@ def test_demo_model_is_small_and_self_describing():
 
 
 def test_demo_model_sharpens_photos_it_never_saw(device):
-    # The five sample photos are kept out of the demo model's training (configs/crm_demo.yaml and
+    # The five sample photos are kept out of the demo model's training (configs/training/crm_demo.yaml and
     # crm_small_skip.yaml: exclude). A 16x-coarse person silhouette comes back with a better boundary and overlap,
     # and a 4x one (already good) is nearly kept. Measured, 16x mBA from 69.30: the model alone 73.75, with the
     # linear gates 72.34, with the gates with pairs (shipped) 71.78; 4x 92.19 -> 90.56 for all three. On these

@@ -107,7 +107,7 @@ def test_label_offset_is_validated(tmp_path, value, message):
 
 
 def test_label_registration_tool(tmp_path):
-    """tools/label_registration.py measures each folder; with --config it measures what is left after the
+    """tools/maintain/label_registration.py measures each folder; with --config it measures what is left after the
     config's own label_offset."""
     import json
 
@@ -117,7 +117,7 @@ def test_label_registration_tool(tmp_path):
         cx, cy = 70.2 + 5 * k, 75.6 - 3 * k
         _pair(tmp_path / "off", f"{k}", photo_of(disk(cx, cy, 45)), mask_of(disk(cx + 0.5, cy - 0.5, 45)))
     root = Path(__file__).resolve().parents[1]
-    tool = [sys.executable, str(root / "tools" / "label_registration.py")]
+    tool = [sys.executable, str(root / "tools" / "maintain" / "label_registration.py")]
     proc = subprocess.run(tool + [str(tmp_path / "off"), "--json", str(tmp_path / "r.json")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

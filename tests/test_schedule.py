@@ -177,7 +177,7 @@ def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp
     cv2.imwrite(str(extra[0].mask), np.zeros((64, 80), np.uint8))  # one of them empty: skipped, not a crash
     # the skip-only model returns its coarse mask (gain 2.5); x0 would trust it not at all (p = 0.5 everywhere)
     weights = _skip_checkpoint(tmp_path, {"scales": "auto"})
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_skip.py"), "--weights", str(weights),
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "maintain" / "calibrate_skip.py"), "--weights", str(weights),
                           "--output", str(tmp_path / "cal.pth"), "--data", str(tmp_path / "data"), "--every", "1",
                           "--multipliers", "0", "1", "--rounds", "1", "2", "--recipes", "8x", "--threads", "1",
                           "--json", str(tmp_path / "cal.json")], capture_output=True, text=True, timeout=300)
@@ -204,7 +204,7 @@ def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_i
     empty = dev_items(tmp_path / "data", every=1)[-1].mask  # a development photo with nothing in its mask is skipped
     cv2.imwrite(str(empty), np.zeros((64, 80), np.uint8))
     weights = _skip_checkpoint(tmp_path, {"scales": "auto"})  # gives back its coarse mask
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_grabcut.py"), "--weights", str(weights),
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "maintain" / "calibrate_grabcut.py"), "--weights", str(weights),
                           "--output", str(tmp_path / "gated.pth"), "--data", str(tmp_path / "data"), "--every", "1",
                           "--band", "2", "--recipes", "8x", "16x", "--threads", "1", "--train-every", "0",
                           "--json", str(tmp_path / "g.json")],
@@ -228,7 +228,7 @@ def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_i
     assert gated.grabcut.low_gain == 0.5 and gated.grabcut.low_gate.features == LOW_GATE_FEATURES
     assert "gated + low gain (folds)" in res["folds"]
     assert all(r["low"] == r["cut"] and len(r["low_features"]) == len(LOW_GATE_FEATURES) for r in res["rows"])
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_grabcut.py"), "--weights", str(weights),
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "maintain" / "calibrate_grabcut.py"), "--weights", str(weights),
                           "--output", str(tmp_path / "first_only.pth"), "--data", str(tmp_path / "data"),
                           "--band", "2", "--recipes", "8x", "--threads", "1", "--low-gain", "0", "--gate", "linear"],
                          capture_output=True, text=True, timeout=300)
@@ -251,7 +251,7 @@ def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_
     weights = _skip_checkpoint(tmp_path, {"scales": "auto"})
 
     def calibrate(name, *extra):
-        out = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_grabcut.py"), "--weights", str(weights),
+        out = subprocess.run([sys.executable, str(ROOT / "tools" / "maintain" / "calibrate_grabcut.py"), "--weights", str(weights),
                               "--output", str(tmp_path / f"{name}.pth"), "--data", str(tmp_path / "data"),
                               "--band", "2", "--recipes", "8x", "--threads", "1",
                               "--json", str(tmp_path / f"{name}.json"), *extra],
@@ -271,6 +271,7 @@ def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_
     written = Refiner(str(tmp_path / "a.pth"), device="cpu")
     cal = written.model.meta["grabcut_calibration"]
     assert cal["dev_photos"] == 2 and cal["train_photos"] == 3
+    sys.path.insert(0, str(ROOT / "tools" / "maintain"))
     from calibrate_grabcut import _as_arrays, fit_gates  # the written gates are fitted on all rows, training too
 
     rows = [_as_arrays(r) for r in res["rows"]]
@@ -309,7 +310,7 @@ def test_training_items_leave_out_the_photos_the_demo_shows(tmp_path):
     assert shown == {"ccp/0003", "ccp/0106", "ccp/0166", "ccp/0310", "ccp/0430"}
     from crm_d2.train.config import load_config
 
-    recipe = load_config(ROOT / "configs" / "crm_small_skip.yaml")  # the shipped model's
+    recipe = load_config(ROOT / "configs" / "training" / "crm_small_skip.yaml")  # the shipped model's
     left_out = {f"{Path(spec['root']).name}/{stem}" for spec in recipe["data"]["train"]
                 for stem in spec.get("exclude", ())}
     assert left_out == shown

@@ -86,7 +86,7 @@ def test_config_file_base_and_overrides(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[1] / "configs" / "training"
     paper = load_config(root / "crm_r50_paper.yaml")
     assert paper["solver"]["batch_size"] == 12 and paper["solver"]["max_iter"] == 45000
     assert paper["solver"]["steps"] == [22500, 37500] and paper["data"]["crop_size"] == 224
@@ -102,7 +102,7 @@ def test_shipped_configs_load():
         cfg = load_config(root / name)
         assert cfg["data"]["train"] == demo["data"]["train"] and cfg["model"]["mask_skip"]
         assert cfg["data"]["val"] == [] and cfg["solver"]["amp"] and cfg["checkpoint"]["export_half"]
-    head = load_config(root / "crm_small_head.yaml")  # the head trains on the same split, on the shipped model
+    head = load_config(root / "experiments" / "crm_small_head.yaml")  # the head trains on the same split, on the shipped model
     assert head["data"]["train"] == demo["data"]["train"] and head["model"]["weights"] == "demo"
     assert head["model"]["pixel_head"] and "feats" in head["model"]["freeze"] and head["sampling"]["points"] == 0
     # The registered recipe: the same split, only CCP's masks moved (the held-out photos stay held out).
@@ -112,7 +112,7 @@ def test_shipped_configs_load():
     assert [s.get("label_offset") for s in reg["data"]["train"]] == [None, None, [0.56, 0.25]]
     assert {k: v for k, v in reg.items() if k not in ("data", "output_dir")} == \
         {k: v for k, v in small.items() if k not in ("data", "output_dir")}
-    for path in root.glob("crm_*.yaml"):
+    for path in root.glob("**/crm_*.yaml"):
         load_config(path)
 
 
@@ -416,7 +416,7 @@ def test_time_budget_is_validated(tmp_path):
 
 
 def test_pack_data_carries_the_training_split_only(tmp_path):
-    """tools/pack_data.py: the training part of each source (held-out and excluded items stay behind), images
+    """tools/maintain/pack_data.py: the training part of each source (held-out and excluded items stay behind), images
     re-encoded, masks kept exactly, and a data.train list that finds them again."""
     import subprocess
     import sys
@@ -432,7 +432,7 @@ def test_pack_data_carries_the_training_split_only(tmp_path):
                                                           "exclude": ["0005"], "label_offset": [0.5, -0.25]}]}}))
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "packed"
-    proc = subprocess.run([sys.executable, str(root / "tools" / "pack_data.py"), "--config", str(config),
+    proc = subprocess.run([sys.executable, str(root / "tools" / "maintain" / "pack_data.py"), "--config", str(config),
                            "--out", str(out), "--format", "webp", "--quality", "90"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

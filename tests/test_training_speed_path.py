@@ -174,7 +174,7 @@ def test_train_speed_tool_measures_both_parts(tmp_path):
         "model: {preset: tiny, mask_skip: true}\n"
         "data: {train: [{type: synthetic, count: 4, size: 40, seed: 1}], crop_size: 32, input_scales: [1.0, 0.5]}\n"
         "sampling: {points: 32, tile: 16}\nsolver: {batch_size: 2}\n")
-    tool = Path(__file__).resolve().parents[1] / "tools" / "train_speed.py"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "maintain" / "train_speed.py"
     out = subprocess.run([sys.executable, str(tool), "--config", str(tmp_path / "c.yaml"), "--threads", "1",
                           "--steps", "2", "--warmup", "1", "--samples", "4", "--json", "--dense"],
                          capture_output=True, text=True, timeout=300)

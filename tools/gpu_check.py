@@ -102,7 +102,7 @@ def part_list(args, out):
     train_over += ["model.init=null", "data.val=[]", "solver.steps=[100000]", "solver.amp=true",
                    "solver.channels_last=true", "checkpoint.period=0", "val.period=0", "log.tensorboard=false"]
     parts.append(dict(name="train", what="crm-d2 train, synthetic data, AMP + channels_last: iterations per second",
-                      cmd=[py, "-m", "crm_d2.cli", "train", "--config", str(ROOT / "configs" / "crm_r50_paper.yaml"),
+                      cmd=[py, "-m", "crm_d2.cli", "train", "--config", str(ROOT / "configs" / "training" / "crm_r50_paper.yaml"),
                            "--device", dev, "--output", str(out / "train"), *train_over],
                       timeout_s=120, parse=lambda p: read_training(out / "train"), outputs=[out / "train"]))
     parts.append(dict(name="bench-r50", what=f"ResNet-50 architecture ({r50}), exact and amp, {' '.join(sizes)}",

@@ -57,7 +57,7 @@ def demo_photos():
 
 
 def training_items(root, every=1):
-    """Every `every`-th of the items the training configs read (tools/calibrate_grabcut.py --train-every): the
+    """Every `every`-th of the items the training configs read (tools/maintain/calibrate_grabcut.py --train-every): the
     training part of the split, thinned, then without the demo's photos (after thinning, so that dropping them
     does not change which other photos are taken)."""
     shown = demo_photos()
@@ -73,7 +73,7 @@ def heldout_items(root, every=JUDGED_EVERY):
 
 
 def dev_items(root, every=6):
-    """Development photos (tools/calibrate_skip.py): the held-out items this tool does not judge (with the
+    """Development photos (tools/maintain/calibrate_skip.py): the held-out items this tool does not judge (with the
     default every=3), thinned to every `every`-th."""
     return [it for i, it in enumerate(heldout_split(root)) if i % JUDGED_EVERY != 0][::every]
 
@@ -109,7 +109,7 @@ def region_masks(item):
 def load_photos(items, regions=False, upscale_to=None, label_offsets=None):
     """(name, image, ground-truth masks) per item, in order (a photo's index seeds its polygon masks); `regions`:
     CCP label regions instead of the silhouette; `upscale_to`: scale to this long side first; `label_offsets`:
-    {source: (dx, dy)}, where that source's labels lie against its photos' edges (tools/label_registration.py):
+    {source: (dx, dy)}, where that source's labels lie against its photos' edges (tools/maintain/label_registration.py):
     its photos are moved by as much, so that they line up with the labels, which stay binary."""
     for item in items:
         image = read_image(item.image)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Detectron2-style entry point for training CRM: `crm-d2 train` plus --num-gpus.
 
-    python tools/train_crm.py --config-file configs/crm_r50_paper.yaml --num-gpus 8 [--resume] [KEY=VALUE ...]
+    python tools/train_crm.py --config-file configs/training/crm_r50_paper.yaml --num-gpus 8 [--resume] [KEY=VALUE ...]
 
 Every other option is `crm-d2 train`'s (`crm-d2 train --help`). --num-gpus N > 1 re-launches this script through
 torchrun (one process per GPU); the trainer reads torchrun's env vars.

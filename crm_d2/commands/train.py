@@ -1,6 +1,6 @@
 """`crm-d2 train`: train CRM from a YAML config (the released recipe or a smaller one).
 
-    crm-d2 train --config configs/crm_tiny_cpu.yaml [--output DIR] [--resume] [KEY=VALUE ...]
+    crm-d2 train --config configs/training/crm_tiny_cpu.yaml [--output DIR] [--resume] [KEY=VALUE ...]
 
 Multi-GPU: `torchrun --nproc_per_node=N -m crm_d2.cli train --config ...` (DDP is picked up from the env vars).
 """
@@ -10,7 +10,7 @@ HELP = "train CRM from a YAML config (released recipe, resumable, multi-GPU via 
 
 def add_arguments(parser):
     parser.add_argument("--config", "--config-file", dest="config", required=True,
-                        help="YAML config, e.g. configs/crm_tiny_cpu.yaml")
+                        help="YAML config, e.g. configs/training/crm_tiny_cpu.yaml")
     parser.add_argument("--output", default=None, help="output folder (default: the config's output_dir)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in the output folder (model, optimizer, RNG, data)")

@@ -13,7 +13,7 @@ Every source also takes `holdout_every: K` with `part: train|val`: items are sor
 (index % K == holdout_offset, default 0) is the validation part. The split is a pure function of the file names,
 so it is written down by the config itself. `exclude: [STEM, ...]` keeps named items out of the training part
 (e.g. photos a demo shows, which must be new to the model). `label_offset: [DX, DY]` says that a source's masks lie
-DX px right of and DY px below its photos' edges (CCP's: about [0.56, 0.25]; `tools/label_registration.py` measures
+DX px right of and DY px below its photos' edges (CCP's: about [0.56, 0.25]; `tools/maintain/label_registration.py` measures
 it); its masks are moved back by that when loaded, as soft masks, so that the labels a model learns from sit on
 the photo's edges. Why: a horizontal flip turns a constant offset into +-DX of label noise on every boundary.
 

@@ -1,7 +1,7 @@
 """Train CRM (configs: `crm_d2.train.config`): the released optimisation recipe, resumable to the bit.
 
-    crm-d2 train --config configs/crm_tiny_cpu.yaml solver.max_iter=100
-    torchrun --nproc_per_node=8 -m crm_d2.cli train --config configs/crm_r50_paper.yaml
+    crm-d2 train --config configs/training/crm_tiny_cpu.yaml solver.max_iter=100
+    torchrun --nproc_per_node=8 -m crm_d2.cli train --config configs/training/crm_r50_paper.yaml
 
 Resume contract: a checkpoint written after iteration k holds the model, optimizer, scheduler, AMP scaler, every
 rank's RNG states (torch, CUDA, numpy, python) and k. The data stream is a pure function of (seed, position)

@@ -20,8 +20,8 @@ the photos they are judged on. `--train-every N` adds every N-th training photo 
 (never to the folds' table, which stays on development photos): the gates read the model's output, and the model
 does no better on its training photos than on new ones, so they are more examples of the same choice.
 
-    python tools/calibrate_grabcut.py --weights demo --output crm_d2/assets/crm_demo.pth --half
-    python tools/calibrate_grabcut.py --weights demo --output out.pth --half --train-every 8 --workers 2 \
+    python tools/maintain/calibrate_grabcut.py --weights demo --output crm_d2/assets/crm_demo.pth --half
+    python tools/maintain/calibrate_grabcut.py --weights demo --output out.pth --half --train-every 8 --workers 2 \
         --cache calib_cache/    # resumable: rerun the same line after a kill
 """
 import argparse
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/, for heldout_eval
 
 from heldout_eval import coarse_mask, dev_items, load_photos, training_items  # noqa: E402
 

@@ -7,9 +7,9 @@ textured colours). Each configuration refines every segment of every image with 
 `crm-d2 panoptic` and the Detectron2 path do, and reports segments/s, encoder and decoder time, and the number
 of encoder calls.
 
-    python tools/segment_speed.py                                   # the defaults, both workloads
-    python tools/segment_speed.py --scales 0.125 0.25 0.5 1 --margin 0.25   # issue 12's setting
-    python tools/segment_speed.py --json out.json --threads 2
+    python tools/maintain/segment_speed.py                                   # the defaults, both workloads
+    python tools/maintain/segment_speed.py --scales 0.125 0.25 0.5 1 --margin 0.25   # issue 12's setting
+    python tools/maintain/segment_speed.py --json out.json --threads 2
 
 Time it on an idle machine (the load average is printed with the numbers).
 """
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from crm_d2.commands.common import ScalesAction  # noqa: E402
 from crm_d2.commands.demo import SAMPLE, labels_to_panoptic, load_sample, simulate_coarse  # noqa: E402

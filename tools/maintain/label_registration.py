@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Measure where each source's masks lie relative to its photos' edges (crm_d2.train.registration).
 
-    python tools/label_registration.py --config configs/crm_small_skip.yaml      # each data.train source
-    python tools/label_registration.py ../shared/data/crm-train/ccp --every 5    # folders of pairs
+    python tools/maintain/label_registration.py --config configs/training/crm_small_skip.yaml      # each data.train source
+    python tools/maintain/label_registration.py ../shared/data/crm-train/ccp --every 5    # folders of pairs
 
 Prints, per source, the labels' mean offset (px, x right, y down: what a source's `label_offset` corrects), how
 much wider each side is (growth; negative: narrower than the objects) and the two sides' own offsets. A config's

@@ -17,8 +17,8 @@ The development photos are the held-out photos that tools/heldout_eval.py does *
 every 3rd held-out item; these are the others, `--every` thins them), so the calibration never sees the photos
 the model is judged on, and training never saw either.
 
-    python tools/calibrate_skip.py --weights runs/crm_demo_ft/model_final.pth --output calibrated.pth
-    python tools/calibrate_skip.py --weights W --output W2 --multipliers 2 2.5 3 --rounds 1 3:0.3 \\
+    python tools/maintain/calibrate_skip.py --weights runs/crm_demo_ft/model_final.pth --output calibrated.pth
+    python tools/maintain/calibrate_skip.py --weights W --output W2 --multipliers 2 2.5 3 --rounds 1 3:0.3 \\
         --snaps off 1:1:0.01 1:2:0.003:0.3 --floor 4x=-0.5 --half
 
 A snap is RADIUS:PASSES:EPS[:MIN_SHIFT] (crm_d2.guided.EdgeSnap) or "off"; rounds are COUNT[:MIN_SHIFT].
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/, for heldout_eval
 
 from heldout_eval import coarse_mask, dev_items, load_photos  # noqa: E402
 
@@ -93,7 +93,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     # the GrabCut finish is not searched here: its gate is fitted to the calibrated model afterwards
-    # (tools/calibrate_grabcut.py), since it reads the model's output
+    # (tools/maintain/calibrate_grabcut.py), since it reads the model's output
     refiner = Refiner(args.weights, device="cpu", edge_snap="off", rounds=1, grabcut="off")
     model = refiner.model
     if not model.cfg.mask_skip:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training throughput of a config: the model step and the data loading measured apart, in samples per second.
 
-    python tools/train_speed.py --config configs/crm_demo.yaml --threads 1 2
-    python tools/train_speed.py --config configs/crm_demo.yaml --dense   # the released recipe's decoding
+    python tools/maintain/train_speed.py --config configs/training/crm_demo.yaml --threads 1 2
+    python tools/maintain/train_speed.py --config configs/training/crm_demo.yaml --dense   # the released recipe's decoding
 
 The model step (forward, loss, backward, Adam) runs on batches drawn once from the config's data (so loading
 does not count), mean of --steps after --warmup (steps differ by the input scale drawn); loading is the

@@ -7,8 +7,8 @@ travels) becomes OUT/NAME/images + OUT/NAME/masks: images re-encoded (`--format 
 as they are (`--format copy`), masks as 1-bit PNG (read back as 0/255). OUT/sources.yaml holds the
 `data.train` list for the packed copy (with each source's `label_offset`), one line, ready for an override:
 
-    python tools/pack_data.py --config configs/crm_r50_skip.yaml --out .gpu/data --only ccp --format copy
-    crm-d2 train --config configs/crm_r50_skip.yaml "data.train=$(cat .gpu/data/sources.yaml)"
+    python tools/maintain/pack_data.py --config configs/training/crm_r50_skip.yaml --out .gpu/data --only ccp --format copy
+    crm-d2 train --config configs/training/crm_r50_skip.yaml "data.train=$(cat .gpu/data/sources.yaml)"
 
 Paths in sources.yaml are OUT/NAME as given to --out (relative to where training runs), or `--root-as DIR`.
 """
