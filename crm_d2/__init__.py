@@ -1,4 +1,4 @@
-"""crm_d2: the Continuous Refinement Model (CRM, CVPR 2022) as a fast toolkit and a Detectron2 extension.
+"""crm_d2: the Continuous Refinement Model (CRM; Shen et al., CVPR 2022) as a fast toolkit and a Detectron2 extension.
 
     from crm_d2 import Refiner
     refiner = Refiner(weights="demo")          # or a checkpoint path, device="cuda"
@@ -10,4 +10,6 @@ from .fast import FastOptions
 from .refiner import Refiner
 
 __version__ = "0.1.0"
-__all__ = ["CRM", "CRMConfig", "FastOptions", "Refiner", "load_model", "save_checkpoint"]
+# What a user needs: the refiner, fast mode's knobs, and checkpoints. The network (CRM, CRMConfig), the panoptic
+# path (crm_d2.panoptic) and the rest stay importable, documented where they live (docs/options.md).
+__all__ = ["Refiner", "FastOptions", "load_model", "save_checkpoint"]

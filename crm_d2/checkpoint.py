@@ -68,7 +68,7 @@ def _read(path):
         hint = ""
         if len(path.parts) == 1 and not path.suffix:  # a bare name such as "model_45705", read as a built-in
             hint = (f" ({', '.join(map(repr, NAMED_WEIGHTS))} is the only built-in name; other weights are files "
-                    "passed by path, e.g. the authors' model_45705: README, 'Weights', says where it is published)")
+                    "passed by path, e.g. the authors' model_45705: README, 'Which weights', says where it is published)")
         raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -119,11 +119,16 @@ def test_detectron2_scripts_say_what_is_missing(script, tmp_path):
 
 
 def test_readme_says_what_the_tools_do():
-    text = " ".join((REPO / "README.md").read_text().split())
+    """The README and the manual pages it links (docs/refining.md, docs/training.md)."""
+    text = " ".join(" ".join((REPO / page).read_text() for page in
+                             ("README.md", "docs/refining.md", "docs/training.md")).split())
     assert 'Refiner(weights="model_45705")' not in text and "dvlab-research/Entity" in text
     assert "High-Quality-Segmention" in text and 'Refiner(weights="path/to/model_45705")' in text
     assert "soft mask" in text and "--binary" in text and "--overlay" in text and "run.json" in text
     assert re.search(r"crm_demo\.yaml.* train in about \d+( \+ \d+)+ minutes", text) and "few minutes" in text
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 170 and all(f"(docs/{page})" in readme for page in (
+        "options.md", "refining.md", "panoptic.md", "training.md", "benchmark.md", "demo_model.md", "experiments.md"))
 
 
 def test_read_mask_keeps_what_16_bit_and_cut_out_files_hold(tmp_path):

@@ -13,7 +13,7 @@ SCALES_HELP = "list of scales, or 'auto' (default: the model's own schedule)"
 def add_model_arguments(parser, weights_default="demo"):
     """--weights, --device, --memory-budget-mb, --fast (weights_default None makes --weights required)."""
     what = ("'demo' (the small model shipped with crm_d2), or the path of a crm_d2 checkpoint or of the authors' "
-            "released file (model_45705: README, 'Weights')")
+            "released file (model_45705: README, 'Which weights')")
     parser.add_argument("--weights", default=weights_default, required=weights_default is None,
                         help=f"CRM weights: {what}")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
@@ -23,25 +23,16 @@ def add_model_arguments(parser, weights_default="demo"):
                         help="fast mode: re-decode only a band around each scale's boundary (not bit-exact; "
                              "docs/benchmark.md)")
     parser.add_argument("--edge-snap", default=None, metavar="R:P:EPS[:MIN_SHIFT]", type=edge_snap_argument,
-                        help="guided filter of the refined probability with the photo (crm_d2.guided): "
-                             "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] or 'off' (default: the model's own; the demo model "
-                             "and the authors' file have none). 1:1:0.01 helps masks from an 8-16x lower-resolution "
-                             "segmenter and costs good ones; 1:2:0.003:0.3 snaps only masks that refinement moved "
-                             "(docs/experiments.md, 'Edge snap')")
+                        help="guided filter of the refined probability with the photo: "
+                             "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] or 'off' (default: the model's own; "
+                             "docs/options.md, 'Finish steps')")
     parser.add_argument("--rounds", default=None, metavar="COUNT[:MIN_SHIFT]", type=rounds_argument,
-                        help="refine again, from its own output, each mask that the last round moved by at least "
-                             "MIN_SHIFT px on average, up to COUNT rounds (default: the model's own; 1 for a model "
-                             "that says none). 3:0.3 helps single-object 16x-coarse and polygon masks, leaves good "
-                             "ones as one round gives them, and costs touching part regions (docs/experiments.md, "
-                             "'Rounds')")
+                        help="refine again each mask that the last round moved by at least MIN_SHIFT px on average, "
+                             "up to COUNT rounds (default: the model's own, else 1; docs/options.md, 'Schedule')")
     parser.add_argument("--grabcut", default=None, metavar="BAND[:ITERS[:MIN_SHIFT]]", type=grabcut_argument,
-                        help="decide the pixels within BAND px of the refined boundary again with OpenCV's GrabCut "
-                             "(crm_d2.grabcut), after the edge snap: BAND[:ITERS[:MIN_SHIFT]] or 'off' (default: the "
-                             "model's own: the demo model's is a 1-px band cut only where its gate predicts a gain, "
-                             "with a second look at those masks trusting the coarse mask less (not in ROI mode); "
-                             "the authors' file has none). A band given here cuts every mask: 2 helps masks from a "
-                             "16x lower-resolution segmenter and polygons, and costs good ones (docs/demo_model.md, "
-                             "'After the model'; docs/experiments.md, 'GrabCut finish')")
+                        help="decide the pixels within BAND px of the refined boundary again with OpenCV's GrabCut, "
+                             "or 'off' (default: the model's own; the demo model's is gated per mask; a band given "
+                             "here cuts every mask: docs/options.md, 'Finish steps')")
 
 
 def model_settings(args):

@@ -88,8 +88,9 @@ TOPICS = [
     ]),
     ("Finish steps", "Run on each refined probability, after the model.", [
         row("Refiner.edge_snap", "--edge-snap", "EDGE_SNAP",
-            "`1:2:0.003:0.3` for masks of unknown quality (16x +4.4 mBA, good masks kept). "
-            "docs/experiments.md, \"Edge snap\"."),
+            "`1:1:0.01` for masks from an 8-16x lower-resolution segmenter (model alone, held-out 16x: 64.58 -> "
+            "69.03 mBA instead of 67.40); it costs good masks (4x: 89.32 -> 88.84). `1:2:0.003:0.3` snaps only "
+            "masks that refinement moved: for masks of unknown quality. docs/experiments.md, \"Edge snap\"."),
         row("Refiner.grabcut", "--grabcut", "GRABCUT",
             "Leave the demo model's gated cut on. `2` only for masks known to be coarse (16x: 73.61 mBA); it "
             "wrecks good masks (4x: 90.05 -> 77.20). docs/demo_model.md, \"After the model\"."),
