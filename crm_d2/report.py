@@ -325,8 +325,8 @@ def comparison_groups(base, crm, groups=None, metrics=None):
 def _num(v, signed=False):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "", "-"
-    if isinstance(v, int) and not signed:
-        return str(v), str(v)
+    if isinstance(v, int):
+        return str(v), (f"{v:+d}" if signed else str(v))
     return repr(float(v)), (f"{v:+.2f}" if signed else f"{v:.2f}")
 
 
