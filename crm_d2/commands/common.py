@@ -50,7 +50,8 @@ def add_report_arguments(parser, default_help="no report"):
                         help="write a report to look at in DIR/index.html: the with/without and per-category "
                              f"tables and the segments refinement changed most, outlined on the photo ({default_help})")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the report of another run that --report's folder holds (refused otherwise)")
+                        help="replace the report of another run that the report folder holds (refused otherwise); "
+                             "it does not redo the run: for other settings use another -o")
 
 
 def report_source(command, out_dir):
