@@ -176,7 +176,7 @@ class _Photo:
         return self._image
 
 
-def _pairs_by_overlap(a_ids, b_ids, a_segments, b_segments, same_category=True):
+def _pairs_by_overlap(a_ids, b_ids, a_segments, b_segments):
     """{a segment id: (b segment id or None, intersection)}: each a segment's b segment of the same category with
     the largest overlap (refinement keeps a segment's category, not necessarily its id)."""
     from .panoptic.pq import OFFSET
@@ -189,22 +189,21 @@ def _pairs_by_overlap(a_ids, b_ids, a_segments, b_segments, same_category=True):
         best.setdefault(a, []).append((b, n))
     out = {}
     for s in a_segments:
-        cands = [(n, b) for b, n in best.get(int(s["id"]), []) if b in b_cat
-                 and (not same_category or b_cat[b] == int(s["category_id"]))]
+        cands = [(n, b) for b, n in best.get(int(s["id"]), []) if b_cat.get(b) == int(s["category_id"])]
         n, b = max(cands) if cands else (0, None)
         out[int(s["id"])] = (b, n)
     return out
 
 
-def _matching_gt(gt_ids, gt_segments, masks, category_id=None):
-    """The GT mask (non-crowd, same category unless None) with the largest IoU > 0.5 against any of `masks`, as
-    panoptic matching counts a match; None when there is none."""
+def _matching_gt(gt_ids, gt_segments, masks, category_id):
+    """The GT mask (non-crowd, of category_id) with the largest IoU > 0.5 against any of `masks`, as panoptic
+    matching counts a match; None when there is none."""
     touched = np.unique(gt_ids[np.logical_or.reduce(masks)])
     best, best_iou = None, 0.5
     for s in gt_segments:
         if s["id"] not in touched or s.get("iscrowd", 0) == 1:
             continue
-        if category_id is not None and int(s["category_id"]) != int(category_id):
+        if int(s["category_id"]) != int(category_id):
             continue
         g = gt_ids == s["id"]
         iou = max(np.count_nonzero(m & g) / np.count_nonzero(m | g) for m in masks)
@@ -213,7 +212,7 @@ def _matching_gt(gt_ids, gt_segments, masks, category_id=None):
     return best
 
 
-def panoptic_gallery(gt, base, refined, image_path, size=GALLERY_SIZE, class_agnostic=False):
+def panoptic_gallery(gt, base, refined, image_path, size=GALLERY_SIZE):
     """Gallery of a panoptic evaluation: gt, base and refined are crm_d2.panoptic.coco.PanopticSet objects;
     image_path(image_id, annotation) gives the photo's path. Segments pair up with the refined segment of the same
     category that overlaps them most."""
@@ -242,7 +241,7 @@ def panoptic_gallery(gt, base, refined, image_path, size=GALLERY_SIZE, class_agn
                 b = b_ids == seg["id"]
                 r = r_ids == rid if rid is not None else np.zeros_like(b)
                 g = None if gt_ids is None else _matching_gt(gt_ids, g_ann["segments_info"], [b, r],
-                                                              None if class_agnostic else seg["category_id"])
+                                                              seg["category_id"])
                 where = Path(b_ann["file_name"]).stem
                 return segment_entry(photo(), b, r, g, names.get(int(seg["category_id"]), seg["category_id"]), where)
 
