@@ -83,10 +83,11 @@ def mba_radii(h, w):
     return [1 + int((max_r - 1) / MBA_STEPS * i) for i in range(MBA_STEPS)]
 
 
-def boundary_bands(gt):
+def boundary_bands(gt, image_size=None):
     """The five GT boundary bands of mBA (bool HxW each), or None when a band is empty (all-0 or all-1 GT).
-    Computed once per GT: they are the costly part, and refined and coarse masks share them."""
-    h, w = gt.shape
+    Computed once per GT: they are the costly part, and refined and coarse masks share them. `image_size`:
+    (h, w) of the photo that `gt` was cut from, whose radii apply (default: gt's own size)."""
+    h, w = gt.shape if image_size is None else image_size
     gt_u8 = gt.astype(np.uint8)
     bands = []
     for r in mba_radii(h, w):
@@ -106,11 +107,16 @@ def _boundary_accuracy(pred, gt, bands=None):
     return sum(np.count_nonzero(correct & b) / np.count_nonzero(b) for b in bands) / MBA_STEPS
 
 
-def boundary_accuracy(pred, gt):
+def boundary_accuracy(pred, gt, image_size=None):
     """CascadePSP's boundary accuracy of one image as a fraction in [0, 1]: the mean over five radii of the share
     of GT-boundary-band pixels where the prediction agrees with the GT. NaN when the band is empty (all-0 or
-    all-1 GT), which callers should skip rather than count."""
-    return _boundary_accuracy(*_pair(pred, gt))
+    all-1 GT), which callers should skip rather than count.
+
+    `image_size`: (h, w) of the photo when pred and gt are a crop of it (the report's gallery scores one segment
+    in its crop): the photo's radii then apply, and a crop that holds the GT's whole band (a margin wider than
+    the largest radius, or the photo's own edge) gives the number of the whole photo."""
+    pred, gt = _pair(pred, gt)
+    return _boundary_accuracy(pred, gt, boundary_bands(gt, image_size))
 
 
 class RefinementMetrics:

@@ -1,12 +1,12 @@
 """Side-by-side pictures (image | coarse | refined, ...) so that users can judge refinement by eye.
 
-One home for the demo's panoptic pictures and `crm-d2 refine --overlay`; written as PNG, so that the boundaries
-being judged are not blurred by JPEG.
+One home for the demo's panoptic pictures, `crm-d2 refine --overlay` and the report's gallery crops
+(`outlined_crop`); written as PNG, so that the boundaries being judged are not blurred by JPEG.
 """
 import cv2
 import numpy as np
 
-__all__ = ["overlay", "side_by_side", "mask_panel", "draw_title"]
+__all__ = ["overlay", "side_by_side", "mask_panel", "draw_title", "outlined_crop"]
 
 
 def _colour(category_id):
@@ -58,3 +58,36 @@ def mask_panel(title, *masks):
     for k, m in enumerate(masks):
         ids[np.asarray(m, bool)] = k + 1
     return title, ids, [{"id": k + 1, "category_id": k + 1} for k in range(len(masks))]
+
+
+def _edge(mask):
+    """Pixels of a bool mask that touch a pixel outside it (4-neighbourhood): its boundary, one pixel wide."""
+    inner = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    return mask & (inner == 0)
+
+
+def outlined_crop(image, box, outlines, side=320):
+    """The photo inside box (x0, y0, x1, y1, clipped to it) scaled so that its long side is `side` px, with each
+    (mask, RGB colour) of `outlines` drawn as a 2-px boundary in that colour, later ones on top.
+
+    Masks are the photo's size (HxW bool) or already the box's size. The boundaries are drawn after scaling, so
+    that they stay visible on a large segment shrunk to a thumbnail and sharp on a small one enlarged."""
+    h, w = image.shape[:2]
+    x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+    x1, y1 = min(w, int(box[2])), min(h, int(box[3]))
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"crop box {tuple(box)} holds no pixel of a {w}x{h} photo")
+    scale = side / max(x1 - x0, y1 - y0)
+    size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
+    shrink = scale < 1
+    out = cv2.resize(image[y0:y1, x0:x1], size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    thick = np.ones((2, 2), np.uint8)
+    for mask, colour in outlines:
+        mask = np.asarray(mask, bool)
+        if mask.shape[:2] == (h, w):
+            mask = mask[y0:y1, x0:x1]
+        scaled = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA if shrink else
+                            cv2.INTER_LINEAR) >= 0.5
+        line = cv2.dilate(_edge(scaled).astype(np.uint8), thick) > 0
+        out[line] = colour
+    return out

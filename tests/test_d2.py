@@ -36,6 +36,9 @@ from crm_d2.d2 import (  # noqa: E402
 )
 from crm_d2.model import CRM, CRMConfig  # noqa: E402
 from crm_d2.panoptic.coco import PanopticSet, load_panoptic  # noqa: E402
+from crm_d2.panoptic.per_category import panoptic_per_category  # noqa: E402
+from crm_d2.panoptic.pq import pq_compute  # noqa: E402
+from test_report import parse_page  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -279,6 +282,13 @@ def test_panoptic_fpn_same_pass(data, crm_weights, tmp_path):
     assert "without CRM" in table and "panoptic_seg/PQ" in table
     saved = json.loads((tmp_path / "eval" / "crm_comparison.json").read_text())
     assert saved["base"]["panoptic_seg"] == results["base/panoptic_seg"]
+    # per category: the CLI's computation on the kept files (crm_d2.panoptic.per_category), both sides
+    gt = PanopticSet(meta.panoptic_json, meta.panoptic_root)
+    sides = [pq_compute(gt, None, str(tmp_path / "eval" / s / "predictions.json"),
+                        str(tmp_path / "eval" / s / "predictions")) for s in ("base", "crm")]
+    assert saved["per_category"] == json.loads(json.dumps(panoptic_per_category(*sides)))
+    assert saved["per_category"] and "gained most PQ with CRM" in table
+    assert not (tmp_path / "eval" / "report").exists()  # MODEL.CRM.REPORT is off by default
 
     # the base column is what a plain evaluation of the plain model gives
     plain_eval = CRMPanopticEvaluator(name, str(tmp_path / "plain"))
@@ -325,6 +335,13 @@ def test_mask_rcnn_same_pass_and_entity_ap(data, crm_weights, tmp_path):
             kept = json.loads((out / side / "instances_results.json").read_text())
             assert len(kept) == sum(len(b["instances"]) for _, b in base_runs)
             assert {r["category_id"] for r in kept} <= ({1} if agnostic else thing_ids)
+        per_category = json.loads((out / "crm_comparison.json").read_text())["per_category"]
+        if agnostic:
+            assert list(per_category) == ["small", "medium", "large"]
+        else:
+            names = {c["id"]: c["name"] for c in json.loads(Path(data["instances_json"]).read_text())["categories"]}
+            assert set(per_category) == set(names.values())
+        assert all(set(r["crm"]) == {"AP", "AP50", "AP75"} for r in per_category.values())
 
 
 def test_training_forward_is_the_base_model(data, crm_weights):
@@ -430,17 +447,24 @@ def test_train_net_eval_only_cli_one_and_two_processes(data, crm_weights, tmp_pa
     for n in (1, 2):
         out = tmp_path / f"run{n}"
         proc = _train_net(["--num-gpus", str(n), *PANOPTIC_TINY, "MODEL.WEIGHTS", str(base),
-                           "MODEL.CRM.WEIGHTS", crm_weights], out, data)
+                           "MODEL.CRM.WEIGHTS", crm_weights, "MODEL.CRM.REPORT", "True"], out, data)
         assert "without CRM" in proc.stdout and "panoptic_seg/PQ" in proc.stdout
         inference = out / "inference" / "coco_2017_val_panoptic_crm"
         for side in ("base", "crm"):
             assert len(load_panoptic(str(inference / side / "predictions.json")).annotations) == 3
+        # the report, per dataset under OUTPUT_DIR: every picture it shows is there, a row per category
+        parsed = parse_page(inference / "report" / "index.html")
+        assert all((inference / "report" / src).is_file() for src in parsed.images)
+        per_category = json.loads((inference / "crm_comparison.json").read_text())["per_category"]
+        assert len(parsed.rows) == len(per_category) > 0
         runs[n] = inference
     assert (runs[2] / "crm_comparison.txt").read_text() == (runs[1] / "crm_comparison.txt").read_text()
     assert json.loads((runs[2] / "crm_comparison.json").read_text()) == \
         json.loads((runs[1] / "crm_comparison.json").read_text())
     for side in ("base", "crm"):
         _assert_same_panoptic(_panoptic_outputs(runs[1] / side), _panoptic_outputs(runs[2] / side))
+    gallery = [json.loads((runs[n] / "report" / "report.json").read_text())["gallery"] for n in (1, 2)]
+    assert sorted(map(json.dumps, gallery[0])) == sorted(map(json.dumps, gallery[1]))  # ties may swap places
 
 
 def _readme_block(marker):

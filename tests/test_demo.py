@@ -10,6 +10,8 @@ from crm_d2.commands import demo
 from crm_d2.model import CRM, CRMConfig
 from crm_d2.panoptic.coco import PanopticSet, check_segments
 from crm_d2.panoptic.pq import pq_image
+from panoptic_reference import reference_per_class
+from test_report import parse_page
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,21 @@ def test_demo_runs_on_the_sample(tiny_ckpt, tmp_path, capsys):
         refined.read_ids(ann)
     assert len(list((out / "overlays").glob("*.png"))) == 1 and not list((out / "overlays").glob("*.jpg"))
     pq = json.loads((out / "pq.json").read_text())
-    assert set(pq) >= {"without_crm", "with_crm", "difference", "n_images"}
+    assert set(pq) >= {"without_crm", "with_crm", "difference", "n_images", "per_category"}
+    # per_category is panopticapi's per-class result recomputed from the written files
+    cats = {c["id"]: c["name"] for c in json.loads((out / "gt.json").read_text())["categories"]}
+    for side, pred in (("base", "coarse"), ("crm", "panoptic")):
+        ref = reference_per_class(out / "gt.json", out / "gt", out / f"{pred}.json", out / pred)
+        assert {cats[c] for c, r in ref.items() if r["pq"] or r["rq"]} <= set(pq["per_category"])
+        for cid, r in ref.items():
+            row = pq["per_category"].get(cats[cid], {}).get(side, {"pq": 0.0, "sq": 0.0, "rq": 0.0})
+            assert [row[k] for k in ("pq", "sq", "rq")] == pytest.approx([r[k] for k in ("pq", "sq", "rq")])
+    # the report, written by default in the output folder
+    page = out / "report" / "index.html"
+    parsed = parse_page(page)
+    assert parsed.images and all((page.parent / src).is_file() for src in parsed.images)
+    assert len(parsed.rows) == len(pq["per_category"])
+    assert "that gained most PQ with CRM" in text
     assert cli.main(args + ["--json"]) == 0  # rerun: resumes, same numbers
     assert {k: v for k, v in json.loads(capsys.readouterr().out).items()} == pq
 

@@ -276,3 +276,77 @@ def test_instances_end_to_end(dataset, tmp_path, capsys):
     (tmp_path / "stray.json").write_text(json.dumps(stray))
     assert cli.main(inst_args(d, gt, tmp_path / "stray.json", tmp_path / "o5")) == 1
     assert "result 0 is for image_id 42, which is not in the GT" in capsys.readouterr().err
+
+
+def _page_files(report_dir):
+    """Images the report page references (all must exist) and its per-category rows."""
+    from test_report import parse_page
+
+    parsed = parse_page(report_dir / "index.html")
+    assert parsed.images and all((report_dir / src).is_file() for src in parsed.images)
+    return parsed
+
+
+def test_panoptic_per_category_and_report(dataset, tmp_path, capsys):
+    from panoptic_reference import reference_per_class
+
+    d = dataset
+    out, rep = tmp_path / "run", tmp_path / "rep"
+    assert cli.main(pan_args(d, out, "--report", str(rep))) == 0
+    captured = capsys.readouterr()
+    assert "that gained most PQ with CRM:" in captured.out and "that lost most PQ with CRM:" in captured.out
+    assert f"report: {rep / 'index.html'}" in captured.err
+    saved = json.loads((out / "pq.json").read_text())
+    names = {c["id"]: c["name"] for c in CATEGORIES}
+    for side, (pj, pd) in (("base", (d / "pred.json", d / "pred")),
+                           ("crm", (out / "panoptic.json", out / "panoptic"))):
+        for cid, r in reference_per_class(d / "gt.json", d / "gt", pj, pd).items():
+            for k in ("pq", "sq", "rq"):
+                assert saved["per_category"][names[cid]][side][k] == pytest.approx(r[k], abs=1e-9)
+    parsed = _page_files(rep)
+    assert len(parsed.rows) == len(saved["per_category"]) == 4
+    assert 0 < len(parsed.images) <= 24
+
+    # --json carries the same per_category; a rerun replaces its own report
+    assert cli.main(pan_args(d, out, "--report", str(rep), "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["per_category"] == saved["per_category"]
+    # another run's report is refused before any refinement, then replaced with --overwrite
+    assert cli.main(pan_args(d, tmp_path / "run2", "--report", str(rep))) == 1
+    err = capsys.readouterr().err
+    assert "holds the report of another run" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run2" / "panoptic.json").exists()
+    assert cli.main(pan_args(d, tmp_path / "run2", "--report", str(rep), "--overwrite", "--band", "0.1")) == 0
+    assert json.loads((rep / "report.json").read_text())["source"]["output"] == str((tmp_path / "run2").resolve())
+    _page_files(rep)
+    # a report needs the GT
+    args = pan_args(d, tmp_path / "run3", "--report", str(tmp_path / "rep3"))
+    del args[args.index("--gt-json"):args.index("--gt-json") + 4]
+    assert cli.main(args) == 1
+    assert "--report needs --gt-json and --gt-dir" in capsys.readouterr().err
+
+
+def test_instances_per_category_and_report(dataset, tmp_path, capsys):
+    d = dataset
+    gt, res = instance_files(d, tmp_path)
+    rep = tmp_path / "rep"
+    assert cli.main(inst_args(d, gt, res, tmp_path / "o1", "--json", "--report", str(rep))) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["per_category"]) == {"box", "ball"}
+    for name in ("box", "ball"):
+        assert set(out["per_category"][name]["base"]) == {"AP", "AP50", "AP75"}
+    assert np.mean([r["base"]["AP"] for r in out["per_category"].values()]) == pytest.approx(out["without_crm"]["AP"])
+    assert np.mean([r["crm"]["AP"] for r in out["per_category"].values()]) == pytest.approx(out["with_crm"]["AP"])
+    parsed = _page_files(rep)
+    assert len(parsed.rows) == 2
+    record = json.loads((rep / "report.json").read_text())
+    assert record["gallery"] and all("iou_base" in e for e in record["gallery"])  # every detection has its GT
+
+    # entity AP: one row per object size, and the table text
+    assert cli.main(inst_args(d, d / "gt.json", res, tmp_path / "o2", "--gt-dir", str(d / "gt"),
+                              "--non-overlapping", "--report", str(tmp_path / "rep2"))) == 0
+    text = capsys.readouterr().out
+    assert "that gained most AP with CRM:" in text or "that lost most AP with CRM:" in text
+    ap = json.loads((tmp_path / "o2" / "ap.json").read_text())
+    assert list(ap["per_category"]) == ["small", "medium", "large"]
+    assert ap["per_category"]["small"]["base"]["AP"] == pytest.approx(ap["without_crm"]["APs"], nan_ok=True)
+    assert len(_page_files(tmp_path / "rep2").rows) == 3

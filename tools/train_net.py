@@ -5,8 +5,9 @@
     python tools/train_net.py --config-file configs/PanopticFPN-R50-CRM.yaml --eval-only \
         MODEL.WEIGHTS base.pkl MODEL.CRM.WEIGHTS crm.pth [--num-gpus 8]
 
-Outputs (OUTPUT_DIR/inference/<dataset>/): crm_comparison.txt/.json, and per side (base/, crm/) the kept
-predictions: COCO panoptic predictions.json + predictions/*.png, or instances_results.json.
+Outputs (OUTPUT_DIR/inference/<dataset>/): crm_comparison.txt/.json (with the per-category numbers), per side
+(base/, crm/) the kept predictions: COCO panoptic predictions.json + predictions/*.png, or instances_results.json;
+with `MODEL.CRM.REPORT True`, report/index.html: a page to look at what refinement changed (crm_d2.report).
 Training (without --eval-only) trains the base model as its own project does; CRM is frozen and unused then.
 """
 import os

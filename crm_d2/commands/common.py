@@ -35,6 +35,21 @@ def add_model_arguments(parser, weights_default="demo"):
                              "here cuts every mask: docs/options.md, 'Finish steps')")
 
 
+def add_report_arguments(parser, default_help="no report"):
+    """--report DIR and --overwrite (crm_d2.report): the page to look at, and leave to replace another run's."""
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="write a report to look at in DIR/index.html: the with/without and per-category "
+                             f"tables and the segments refinement changed most, outlined on the photo ({default_help})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the report of another run that the report folder holds (refused otherwise); "
+                             "it does not redo the run: for other settings use another -o")
+
+
+def report_source(command, out_dir):
+    """What names a run for its report folder (crm_d2.report.check_report_dir): the command and its -o."""
+    return {"command": command, "output": str(Path(out_dir).resolve())}
+
+
 def model_settings(args):
     """What `add_model_arguments` adds that decides a run's outputs (device and memory budget do not), for the
     settings a folder run records and checks (`check_run_settings`)."""

@@ -4,8 +4,9 @@ Five Clothing Co-Parsing photos with their label maps (see the sample's PROVENAN
 ground truth (one segment per label region; background, hair and skin are stuff, garments things). Coarse
 "predictions" are made as a low-resolution segmenter would: every segment's mask is averaged down by `--factor`,
 disturbed a little (seeded noise, a small shift) and upsampled bilinearly; the arg-max gives the coarse id map.
-The demo model refines them; the PQ table (without / with CRM) is printed, and the refined COCO panoptic
-JSON/PNGs plus side-by-side PNG pictures (coarse | CRM | ground truth) are written to the output folder.
+The demo model refines them; the PQ table (without / with CRM) and the categories that gained and lost most are
+printed, and the refined COCO panoptic JSON/PNGs, side-by-side PNG pictures (coarse | CRM | ground truth) and a
+report to look at (OUT/report/index.html, crm_d2.report) are written to the output folder.
 """
 import json
 import sys
@@ -18,9 +19,10 @@ import numpy as np
 from crm_d2.io import read_image, read_mask, write_image, write_png
 from crm_d2.panoptic.coco import PanopticSet, write_panoptic_image, write_panoptic_json
 from crm_d2.pictures import side_by_side
+from crm_d2.report import check_report_dir
 
-from .common import build_refiner, check_run_settings, model_settings
-from .panoptic import add_refine_arguments, evaluate, options_from_args, refine_panoptic_set, report
+from .common import add_report_arguments, build_refiner, check_run_settings, model_settings, report_source
+from .panoptic import add_refine_arguments, evaluate, options_from_args, refine_panoptic_set, report, write_report
 
 NAME = "demo"
 HELP = "run panoptic refinement + PQ on the shipped sample (CPU, no download)"
@@ -40,6 +42,7 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.add_argument("--no-overlays", action="store_true",
                         help="skip the side-by-side pictures (OUT/overlays/*.png: coarse | CRM | ground truth)")
+    add_report_arguments(parser, default_help="default: OUT/report")
     add_refine_arguments(parser, weights_default="demo")
 
 
@@ -180,12 +183,18 @@ def run(args):
     settings = {"demo": True, "sample": str(Path(args.sample).resolve()), "long_side": args.long_side,
                 "factor": args.factor, "regions": args.regions, **model_settings(args), "options": vars(options)}
     check_run_settings(out, settings)
+    report_dir = Path(args.report) if args.report else out / "report"
+    source = report_source(NAME, out)
+    check_report_dir(report_dir, source, args.overwrite)
     print(f"demo: {len(items)} sample images, coarse masks from a simulated 1/{args.factor} segmenter, "
           f"refining with weights {args.weights!r} -> {out}", file=sys.stderr)
     gt, coarse = build_dataset(items, categories, out, args.factor, args.regions)
     refined = refine_panoptic_set(refiner, out / "images", coarse, out, options, gt=gt)
     base, crm = evaluate(gt, coarse, refined)
-    report(base, crm, as_json=args.json, out_dir=out, extra={"weights": str(args.weights)})
+    per_category = report(base, crm, as_json=args.json, out_dir=out, extra={"weights": str(args.weights)})
+    page = write_report(report_dir, gt, coarse, refined, out / "images", base, crm, per_category, source,
+                        args.overwrite, title="crm-d2 demo: CRM on the shipped sample")
+    print(f"report: {page}", file=sys.stderr)
     if not args.no_overlays:
         paths = write_overlays(out, out / "images", gt, coarse, refined)
         print(f"side-by-side pictures: {paths[0].parent}/ ({len(paths)} files)", file=sys.stderr)

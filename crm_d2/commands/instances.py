@@ -3,7 +3,9 @@
 The ground truth is a COCO instances JSON, or a COCO panoptic GT (JSON + `--gt-dir`) from which the
 class-agnostic entity GT is built (every segment one entity). Outputs in OUT: `parts/<image_id>.json` (refined
 results of one image, written atomically: present = done, skipped on rerun), `results.json` (all refined
-results, COCO results format), `ap.json` and `run.json` (settings; resuming under other settings is refused).
+results, COCO results format), `ap.json` (numbers, per category too: per object size for entity AP) and
+`run.json` (settings; resuming under other settings is refused). `--report DIR` adds a page to look at
+(crm_d2.report).
 """
 import json
 import sys
@@ -17,9 +19,11 @@ from crm_d2.distributed import session
 from crm_d2.io import read_image, write_json
 from crm_d2.panoptic.instances_eval import (encode_mask, entity_gt_from_panoptic, evaluate_masks, format_ap_table,
                                             rle_bytes)
+from crm_d2.panoptic.per_category import combine, format_changes
 from crm_d2.panoptic.refine import refine_instances
+from crm_d2.report import ap_comparison, check_report_dir, instances_report
 
-from .common import build_refiner, check_run_settings, model_settings
+from .common import add_report_arguments, build_refiner, check_run_settings, model_settings, report_source
 from .panoptic import add_refine_arguments, find_image, options_from_args
 
 NAME = "instances"
@@ -41,6 +45,7 @@ def add_arguments(parser):
                         help="refine only results scoring at least this (the rest are kept as they are)")
     parser.add_argument("-o", "--output", required=True, help="output folder (resumable)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    add_report_arguments(parser)
     add_refine_arguments(parser, instances=True)
 
 
@@ -152,8 +157,12 @@ def _run(args, env):
     def part(image_id):
         return out / "parts" / f"{image_id}.json"
 
+    source = report_source(NAME, out)
+
     def pending():  # rank 0 alone: the settings record, then what is left (shared out, so resumes stay balanced)
         check_run_settings(out, settings)
+        if args.report:  # before the long part: a refused folder must not wait for the end of the run
+            check_report_dir(args.report, source, args.overwrite)
         return [i for i in image_ids if not part(i).is_file()]
 
     for image_id in tqdm(env.shard(env.decide(pending)), desc="CRM instances", unit="img", disable=not env.main):
@@ -183,17 +192,28 @@ def _run(args, env):
     gt_sub = dict(gt, images=[im for im in gt["images"] if im["id"] in keep],
                   annotations=[a for a in gt["annotations"] if a["image_id"] in keep])
     base_results = [results[k] for i in image_ids for k in by_image[i]]
-    base = evaluate_masks(gt_sub, base_results, class_agnostic=class_agnostic)
+    base, base_rows, names = evaluate_masks(gt_sub, base_results, class_agnostic=class_agnostic, per_category=True)
     if not refined:
         raise ValueError("every mask was refined to nothing: no refined results to evaluate")
-    crm = evaluate_masks(gt_sub, refined, class_agnostic=class_agnostic)
+    crm, crm_rows, _ = evaluate_masks(gt_sub, refined, class_agnostic=class_agnostic, per_category=True)
+    per_category = combine(base_rows, crm_rows, names)
     kind = "entity (class-agnostic) mask AP" if class_agnostic else "mask AP"
     payload = {"metric": kind, "without_crm": base, "with_crm": crm,
-               "difference": {k: crm[k] - base[k] for k in base}, "n_images": len(image_ids)}
+               "difference": {k: crm[k] - base[k] for k in base}, "n_images": len(image_ids),
+               "per_category": per_category}
     write_json(out / "ap.json", payload)
     if args.json:
         print(json.dumps(payload, indent=1))
     else:
         print(f"{kind}, {len(image_ids)} images")
         print(format_ap_table({"without CRM": base, "with CRM": crm}))
+        print(format_changes(per_category))
+    if args.report:
+        def image_path(image_id, im):
+            return find_image(args.images, image_id, [im.get("file_name")])
+
+        page = instances_report(args.report, gt_sub, base_results, refined, image_path,
+                                ap_comparison(base, crm, kind), per_category, source, args.overwrite,
+                                class_agnostic=class_agnostic)
+        print(f"report: {page}", file=sys.stderr)
     return 0

@@ -2,8 +2,9 @@
 
 Outputs in OUT: `panoptic/` (refined PNGs, each with a `.segments.json` sidecar written after it: an image whose
 sidecar exists is done and skipped on rerun), `panoptic.json` (the refined predictions, COCO panoptic format),
-`pq.json` (numbers) and `run.json` (the settings; rerunning into OUT with other settings is refused, so that a
-resumed run never mixes two configurations).
+`pq.json` (numbers, per category too) and `run.json` (the settings; rerunning into OUT with other settings is
+refused, so that a resumed run never mixes two configurations). `--report DIR` adds a page to look at
+(crm_d2.report).
 """
 import copy
 import json
@@ -15,8 +16,10 @@ from crm_d2.io import IMAGE_EXTS, read_image, write_json
 from crm_d2.panoptic.coco import PanopticSet, read_panoptic_sidecar, write_panoptic_image, write_panoptic_json
 from crm_d2.panoptic.merge import MERGE_RULES
 from crm_d2.panoptic.refine import TARGETS, SegmentRefineOptions, refine_panoptic
+from crm_d2.report import check_report_dir
 
-from .common import add_model_arguments, add_scales_argument, build_refiner, check_run_settings, model_settings
+from .common import (add_model_arguments, add_report_arguments, add_scales_argument, build_refiner,
+                     check_run_settings, model_settings, report_source)
 
 NAME = "panoptic"
 HELP = "refine a COCO panoptic prediction with CRM; PQ/SQ/RQ with and without CRM"
@@ -164,17 +167,21 @@ def evaluate(gt, pred, refined, workers=None):
 
 
 def report(base, crm, as_json=False, out_dir=None, extra=None, stream=None):
-    """Print the with/without table (or JSON) and save the numbers to out_dir/pq.json."""
+    """Print the with/without table and the categories that gained and lost most (or JSON), and save the numbers
+    to out_dir/pq.json. Returns the per-category table (crm_d2.panoptic.per_category)."""
+    from crm_d2.panoptic.per_category import format_changes, panoptic_per_category
     from crm_d2.panoptic.pq import format_pq_table
 
     stream = stream or sys.stdout
     groups = ("all", "things", "stuff")
+    per_category = panoptic_per_category(base, crm)
     payload = {
         "without_crm": {g: base[g] for g in groups},
         "with_crm": {g: crm[g] for g in groups},
         "difference": {g: {k: crm[g][k] - base[g][k] for k in ("pq", "sq", "rq")} for g in groups},
         "n_images": crm["n_images"],
         **(extra or {}),
+        "per_category": per_category,
     }
     if out_dir is not None:
         write_json(Path(out_dir) / "pq.json", payload)
@@ -183,6 +190,24 @@ def report(base, crm, as_json=False, out_dir=None, extra=None, stream=None):
     else:
         print(format_pq_table({"without CRM": base, "with CRM": crm}), file=stream)
         print(f"({crm['n_images']} images)", file=stream)
+        print(format_changes(per_category), file=stream)
+    return per_category
+
+
+def write_report(report_dir, gt, pred, refined, images_dir, base, crm, per_category, source, overwrite=False,
+                 title="CRM panoptic refinement"):
+    """The report of a panoptic run (crm_d2.report) from its files; the photos are looked up in images_dir as
+    refinement looked them up. Returns the page's path."""
+    from crm_d2.report import panoptic_report, pq_comparison
+
+    images = {**gt.images, **pred.images}
+
+    def image_path(image_id, ann):
+        return find_image(images_dir, image_id, [images.get(image_id, {}).get("file_name"), ann["file_name"]])
+
+    ids = list(refined.annotations)
+    return panoptic_report(report_dir, subset(gt, ids), subset(pred, ids), refined, image_path,
+                           pq_comparison(base, crm), per_category, source, overwrite, title=title)
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -195,6 +220,7 @@ def add_arguments(parser):
     parser.add_argument("-o", "--output", required=True, help="output folder (resumable)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.add_argument("--workers", type=int, default=None, help="processes for PQ")
+    add_report_arguments(parser)
     add_refine_arguments(parser)
 
 
@@ -209,9 +235,14 @@ def _run(args, env):
         raise ValueError("--gt-json and --gt-dir go together")
     if not Path(args.images).is_dir():
         raise FileNotFoundError(f"image folder not found: {args.images}")
+    if args.report and args.gt_json is None:
+        raise ValueError("--report needs --gt-json and --gt-dir (its tables and outlines compare with the GT)")
     options = options_from_args(args)
     pred = PanopticSet(args.pred_json, args.pred_dir)
     gt = PanopticSet(args.gt_json, args.gt_dir) if args.gt_json else None
+    source = report_source(NAME, args.output)
+    if args.report:  # before the long part: a refused folder must not wait for the end of the run
+        env.decide(check_report_dir, args.report, source, args.overwrite)
     settings = {"pred_json": str(Path(args.pred_json).resolve()), **model_settings(args), "options": vars(options)}
     refiner = build_refiner(args, env.device)  # first: a mistyped --weights must not be recorded as the settings
     env.decide(check_run_settings, args.output, settings)
@@ -223,5 +254,9 @@ def _run(args, env):
         print("no --gt-json given: PQ not computed", file=sys.stderr)
         return 0
     base, crm = evaluate(gt, pred, refined, workers=args.workers)
-    report(base, crm, as_json=args.json, out_dir=args.output)
+    per_category = report(base, crm, as_json=args.json, out_dir=args.output)
+    if args.report:
+        page = write_report(args.report, gt, pred, refined, args.images, base, crm, per_category, source,
+                            args.overwrite)
+        print(f"report: {page}", file=sys.stderr)
     return 0

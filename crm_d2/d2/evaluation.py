@@ -5,12 +5,15 @@
 - CRMInstanceEvaluator: mask AP with stock pycocotools through crm_d2.panoptic.instances_eval, class-agnostic
   (entities) or per class.
 - CRMComparisonEvaluator: one model forward per image, base outputs to one evaluator set and refined outputs to
-  another (see crm_d2.d2.meta_arch.return_base_outputs), and a with/without table.
+  another (see crm_d2.d2.meta_arch.return_base_outputs), a with/without table, the per-category numbers
+  (crm_d2.panoptic.per_category, as the CLI computes them) and, with MODEL.CRM.REPORT, the report page
+  (crm_d2.report, as `crm-d2 panoptic --report` writes it).
 
 Like Detectron2's evaluators, predictions are gathered to the main process with detectron2.utils.comm.
 """
 import copy
 import itertools
+import json
 import logging
 import math
 import os
@@ -37,7 +40,9 @@ from crm_d2.panoptic.instances_eval import (
     evaluate_masks,
     format_ap_table,
 )
+from crm_d2.panoptic.per_category import combine, format_changes, panoptic_per_category
 from crm_d2.panoptic.pq import format_pq_table, pq_compute
+from crm_d2.report import comparison_groups, instances_report, panoptic_report
 
 from .meta_arch import BASE_OUTPUTS_KEY
 
@@ -140,6 +145,10 @@ class CRMPanopticEvaluator(DatasetEvaluator):
         write_panoptic_json(pred_json, predictions, gt.data.get("categories", []), images=gt.data.get("images", []))
         logger.info(f"panoptic predictions of {self._name} written to {pred_json} and {png_dir}")
         res = pq_compute(gt, None, pred_json, png_dir)
+        # what the comparison needs for per-category numbers and the report (the files are gone without
+        # output_dir; the report is then not written)
+        self.evaluated = {"pq": res, "gt": gt,
+                          "pred": PanopticSet(pred_json, png_dir) if self._output_dir else None}
         logger.info(f"Panoptic evaluation of {self._name}:\n" + format_pq_table({self._name: res}))
         metrics = OrderedDict()
         for suffix, group in (("", "all"), ("_th", "things"), ("_st", "stuff")):
@@ -191,11 +200,15 @@ class CRMInstanceEvaluator(DatasetEvaluator):
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
             write_json(os.path.join(self._output_dir, "instances_results.json"), predictions)
+        gt = self._gt()
         if not predictions:
             logger.warning(f"{self._name}: no instance predictions; mask AP is 0")
-            res = {k: 0.0 for k in AP_KEYS}
+            res, rows, names = {k: 0.0 for k in AP_KEYS}, {}, {}
         else:
-            res = evaluate_masks(self._gt(), predictions, class_agnostic=self._class_agnostic)
+            res, rows, names = evaluate_masks(gt, predictions, class_agnostic=self._class_agnostic,
+                                              per_category=True)
+        self.evaluated = {"rows": rows, "names": names, "gt": gt, "results": predictions,
+                          "class_agnostic": self._class_agnostic}
         logger.info(f"Mask AP of {self._name}:\n" + format_ap_table({self._name: res}))
         return OrderedDict(segm=OrderedDict((k, float(res[k])) for k in AP_KEYS))
 
@@ -222,21 +235,24 @@ class CRMComparisonEvaluator(DatasetEvaluator):
     run with CRM, so scripts that read them work with either setting.
     """
 
-    def __init__(self, base_evaluator, crm_evaluator, output_dir=None, name="", side_dirs=None):
+    def __init__(self, base_evaluator, crm_evaluator, output_dir=None, name="", side_dirs=None, report=False):
         self._base = base_evaluator
         self._crm = crm_evaluator
         self._output_dir = output_dir
         self._name = name
         self._crm_enabled = crm_evaluator is not None
         self._side_dirs = side_dirs  # (base, crm) output folders, for the copy when CRM is off
+        self._report = bool(report) and bool(output_dir)
 
     def reset(self):
         self._base.reset()
         if self._crm_enabled:
             self._crm.reset()
         self._missing_base = False
+        self._photos = []  # (image_id, file_name): where the report finds each photo
 
     def process(self, inputs, outputs):
+        self._photos.extend((inp["image_id"], inp["file_name"]) for inp in inputs if "file_name" in inp)
         base, refined = [], []
         for out in outputs:
             if BASE_OUTPUTS_KEY not in out:
@@ -253,6 +269,7 @@ class CRMComparisonEvaluator(DatasetEvaluator):
                            "both columns evaluate the same outputs")
         base = self._base.evaluate()
         crm = self._crm.evaluate() if self._crm_enabled else copy.deepcopy(base)
+        photos = _gather(self._photos)
         if not comm.is_main_process():
             return None
         base, crm = base or {}, crm or {}
@@ -261,18 +278,61 @@ class CRMComparisonEvaluator(DatasetEvaluator):
             if self._side_dirs and os.path.isdir(self._side_dirs[0]):
                 shutil.copytree(self._side_dirs[0], self._side_dirs[1], dirs_exist_ok=True)
         table = format_comparison(base, crm)
-        logger.info(f"CRM with/without{' on ' + self._name if self._name else ''}:\n{table}")
+        base_eval = getattr(self._base, "evaluated", None)
+        crm_eval = getattr(self._crm, "evaluated", None) if self._crm_enabled else base_eval
+        per_category = evaluation_per_category(base_eval, crm_eval)
+        changes = "\n" + format_changes(per_category) if per_category else ""
+        logger.info(f"CRM with/without{' on ' + self._name if self._name else ''}:\n{table}{changes}")
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
             with open(os.path.join(self._output_dir, "crm_comparison.txt"), "w") as f:
-                f.write(table + "\n")
+                f.write(table + changes + "\n")
             write_json(os.path.join(self._output_dir, "crm_comparison.json"),
-                       {"base": base, "crm": crm, "crm_enabled": self._crm_enabled})
+                       {"base": base, "crm": crm, "crm_enabled": self._crm_enabled, "per_category": per_category})
+        if self._report and base_eval is not None and crm_eval is not None:
+            page = write_evaluation_report(os.path.join(self._output_dir, "report"), base_eval, crm_eval,
+                                           dict(photos), comparison_groups(base, crm), per_category,
+                                           {"command": "train_net", "output": str(Path(self._output_dir).resolve())},
+                                           title=f"CRM on {self._name}")
+            logger.info(f"report of {self._name}: {page}")
         results = OrderedDict()
         for prefix, res in (("base", base), ("crm", crm)):
             for task, metrics in res.items():
                 results[f"{prefix}/{task}"] = metrics
         return results
+
+
+def evaluation_per_category(base_eval, crm_eval):
+    """The per-category table of two evaluators' `evaluated` records ({} when one is missing), computed by
+    crm_d2.panoptic.per_category as the CLI computes it."""
+    if base_eval is None or crm_eval is None:
+        return {}
+    if "pq" in base_eval:
+        return panoptic_per_category(base_eval["pq"], crm_eval["pq"])
+    return combine(base_eval["rows"], crm_eval["rows"], {**base_eval["names"], **crm_eval["names"]})
+
+
+def write_evaluation_report(report_dir, base_eval, crm_eval, photos, comparison, per_category, source, title):
+    """The report (crm_d2.report) from two evaluators' `evaluated` records; photos: {image_id: file_name}.
+    The folder is this evaluation's own output, so an earlier report there is replaced. None when the
+    predictions were not kept (an evaluator without output_dir)."""
+    def image_path(image_id, _):
+        if image_id not in photos:
+            raise ValueError(f"the report needs the photo of image_id {image_id}, which no input named")
+        return photos[image_id]
+
+    if "pq" in base_eval:
+        if base_eval["pred"] is None or crm_eval["pred"] is None:
+            return None
+        return panoptic_report(report_dir, base_eval["gt"], base_eval["pred"], crm_eval["pred"], image_path,
+                               comparison, per_category, source, overwrite=True, title=title)
+    gt = base_eval["gt"]
+    if not isinstance(gt, dict):
+        with open(gt) as f:
+            gt = json.load(f)
+    return instances_report(report_dir, gt, base_eval["results"], crm_eval["results"], image_path, comparison,
+                            per_category, source, overwrite=True, class_agnostic=base_eval["class_agnostic"],
+                            title=title)
 
 
 def format_comparison(base, crm):
@@ -314,4 +374,5 @@ def build_crm_evaluator(cfg, dataset_name, output_dir):
     dirs = (os.path.join(output_dir, "base"), os.path.join(output_dir, "crm"))
     base = build_evaluator(cfg, dataset_name, dirs[0], name=f"{dataset_name} (base)")
     crm = build_evaluator(cfg, dataset_name, dirs[1], name=f"{dataset_name} (CRM)") if enabled else None
-    return CRMComparisonEvaluator(base, crm, output_dir=output_dir, name=dataset_name, side_dirs=dirs)
+    return CRMComparisonEvaluator(base, crm, output_dir=output_dir, name=dataset_name, side_dirs=dirs,
+                                  report=bool(cfg.MODEL.CRM.get("REPORT", False)))

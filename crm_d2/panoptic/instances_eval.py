@@ -112,11 +112,13 @@ def _check_results(coco, results, class_agnostic):
                              f"[{img['height']}, {img['width']}], got {size}")
 
 
-def evaluate_masks(gt, results, class_agnostic=False, max_dets=100, quiet=True):
+def evaluate_masks(gt, results, class_agnostic=False, max_dets=100, quiet=True, per_category=False):
     """Mask AP of COCO results (RLE segmentations) with stock pycocotools: {'AP', 'AP50', ...} in percent.
 
     gt: a COCO instances dict, JSON path or COCO object (entity_gt_from_panoptic gives the entity one).
     class_agnostic: all GT and results are scored as one category (entity AP).
+    per_category: also return the same evaluation's per-category rows (per size when class-agnostic), as
+    (summary, {category id or size: {'AP', 'AP50', 'AP75'}}, {category id: name}): crm_d2.panoptic.per_category.
     """
     coco = _load_gt(gt)
     _check_results(coco, results, class_agnostic)
@@ -137,7 +139,13 @@ def evaluate_masks(gt, results, class_agnostic=False, max_dets=100, quiet=True):
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: float(v * 100) if v >= 0 else math.nan for k, v in zip(AP_KEYS, ev.stats[:6])}
+    summary = {k: float(v * 100) if v >= 0 else math.nan for k, v in zip(AP_KEYS, ev.stats[:6])}
+    if not per_category:
+        return summary
+    from .per_category import ap_rows
+
+    names = {cid: cat.get("name") for cid, cat in coco.cats.items()}
+    return summary, ap_rows(ev, class_agnostic), names
 
 
 def format_ap_table(results_by_name):

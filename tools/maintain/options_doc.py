@@ -111,7 +111,12 @@ TOPICS = [
             when="`True` for arrays from `cv2.imread`."),
         row((), "--output@demo,refine,panoptic,instances", (),
             "A new folder for other settings: a folder run refuses to mix settings."),
-        row((), "--overwrite", (), "To redo a `refine` folder with other settings."),
+        row((), "--overwrite@refine", (), "To redo a `refine` folder with other settings."),
+        row((), "--report", "REPORT",
+            "To see which categories CRM helps and hurts, and the segments it changed most (docs/panoptic.md, "
+            "\"The report\"). `crm-d2 demo` writes one by default; Detectron2 writes one per dataset."),
+        row((), "--overwrite@demo,panoptic,instances", (),
+            "Only to let `--report` replace another run's report; it does not redo the run."),
         row((), "--overlay", (), "To judge your own results by eye."),
         row((), "--no-overlays"),
         row((), "--json", (), "For scripts."),
