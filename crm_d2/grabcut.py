@@ -269,7 +269,7 @@ def gate_features(rgb, prob, coarse, cut, gradient=None):
         np.count_nonzero(cut != fg) / length,
         np.count_nonzero(cut != was) / was_length,
         np.count_nonzero((prob > 0.3) & (prob < 0.7)) / length,
-        strength / (float(grad[band].mean()) + 1e-6),
+        strength / (edge(band) + 1e-6),  # a refined mask with no pixel has no band: 0, not NaN
         edge(on_was) / (strength + 1e-6),
         edge(on_cut) / (strength + 1e-6),
         rough(2),

@@ -1,5 +1,6 @@
 """GrabCut finish (crm_d2.grabcut): what it does to a boundary near the photo's edge, what it may not touch, and
 how the Refiner, the CLI and the option's forms choose it."""
+import warnings
 
 import cv2
 import numpy as np
@@ -168,6 +169,11 @@ def test_gate_features_say_how_far_a_mask_is_and_where_the_photos_edge_is():
                                                 photo_gradient(rgb)), list(f.values()))
     assert not gate_features(rgb, np.zeros((64, 80), np.float32), np.zeros((64, 80), np.float32),
                              np.zeros((64, 80), bool)).any()
+    # a mask that refinement emptied (the coarse one was not): finite numbers, not NaN, for the gate to read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        emptied = gate_features(rgb, np.zeros((64, 80), np.float32), disc.astype(np.float32), np.zeros((64, 80), bool))
+    assert np.isfinite(emptied).all() and emptied[GATE_FEATURES.index("edge_contrast")] == 0
 
 
 def test_gate_fit_learns_a_rule_from_examples_and_weights_count():
