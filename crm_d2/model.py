@@ -534,16 +534,22 @@ class CRM(nn.Module):
         return self._ensemble_torch(proj, rows, cols)
 
     def _ensemble_torch(self, proj, rows, cols):
+        """`_blend` of the four neighbours' logits, organised for the CPU: the feature rows of a row shift are
+        gathered once, with their row term added at the feature grid's width, and shared by both column shifts;
+        each logit is accumulated into the blend as soon as it exists. Same sums as `_blend`, other order."""
         (iy, row_term, area_y), (ix, col_term, area_x) = rows, cols
-        logits, weights = [], []
-        for vy, vx in SHIFTS:
-            a, b = (vy + 1) // 2, (vx + 1) // 2
-            h = proj[:, iy[a]][:, :, ix[b]]  # B x R x C x hidden: gathered 32-d projections
-            h += row_term[a][None, :, None]
-            h += col_term[b][None, None]
-            logits.append(self._mlp_tail(h))
-            weights.append(area_y[a][:, None] * area_x[b][None] + 1e-9)
-        return self._blend(logits, weights)
+        out = None
+        for a in (0, 1):
+            by_row = proj[:, iy[a]]  # B x R x Wf x hidden
+            by_row += row_term[a][None, :, None]
+            for b in (0, 1):
+                h = by_row[:, :, ix[b]]  # B x R x C x hidden: gathered 32-d projections
+                h += col_term[b][None, None]
+                logit = self._mlp_tail(h)
+                weight = area_y[1 - a][:, None] * area_x[1 - b][None] + 1e-9  # the opposite neighbour's area
+                out = logit.mul_(weight) if out is None else out.addcmul_(logit, weight)
+        total = (area_y[0] + area_y[1])[:, None] * (area_x[0] + area_x[1])[None] + 4e-9
+        return out.div_(total)
 
     def _mlp_tail(self, h):
         layers = self.imnet.layers
