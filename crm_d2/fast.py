@@ -35,9 +35,9 @@ class FastOptions:
     last_stage_only: run only the schedule's last stage, banded around the coarse mask (`coarse_band`), instead of
     every stage. With the shipped model's `auto` schedule the stage before the last is itself a band stage around
     the same coarse boundary at half the resolution, so it can reach no further than the last stage does; it
-    cost more than half of fast mode's time. Without it fast mode is 4.4-12x exact mode at 2K-4K instead of
-    2.7-6x, with mBA within 0.11 of exact mode or above it (docs/benchmark.md, issue 32). False runs every stage.
-    The halo of 16 px (32 before) gave the same mBA, 10-20 % faster.
+    cost 30-40 % of fast mode's time. Without it, and with the 16-px halo (32 before: same mBA, 10-20 % faster),
+    fast mode is 4.1-10.8x exact mode at 2K-4K instead of 2.6-6.5x, with mBA at most 0.11 below exact mode's
+    (docs/benchmark.md, issue 32). False runs every stage.
     """
 
     band: int = 16
