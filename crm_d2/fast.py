@@ -1,4 +1,6 @@
-"""Fast mode: later stages re-encode and re-decode only a band around the previous stage's boundary.
+"""Fast mode: by default the schedule's last stage alone, re-encoding and re-decoding only a band around the coarse
+mask's boundary; with `last_stage_only=False`, every stage, the later ones banded around the previous stage's
+boundary.
 
 Mixed into `Refiner` (`FastMode`); it shares the exact engine's padding, encoding and decoding, so that inside
 the band it computes what exact mode computes. Its speed and its mBA gap to exact mode: docs/benchmark.md.
