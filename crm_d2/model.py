@@ -418,7 +418,8 @@ class CRM(nn.Module):
             lo, hi = max(0, r0 - 1), min(Hf, r1 + 1)
             slab = torch.cat((self._stem_branch_rows(x, lo, hi) if b1 is None else b1[:, :, lo:hi],
                               upsample_rows(b2, (Hf, Wf), lo, hi), upsample_rows(b3, (Hf, Wf), lo, hi)), 1)
-            feat = n.folded_fusion(slab.contiguous(memory_format=torch.channels_last))[:, :, r0 - lo : r0 - lo + r1 - r0]
+            slab = slab.contiguous(memory_format=torch.channels_last)  # a no-op unless a part came in as NCHW
+            feat = n.folded_fusion(slab)[:, :, r0 - lo : r0 - lo + r1 - r0]
             out[:, r0:r1] = torch.einsum("bchw,kc->bhwk", feat, w)
         return out
 

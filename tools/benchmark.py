@@ -163,7 +163,8 @@ def child(cfg, extra=()):
 
 def markdown(results):
     head = ("| size | input | device | mode | median s | MPix/s | peak GB | encoder s (per scale) "
-            "| decoder s (per scale) | finish s | glue s | IoU/mBA vs GT | coarse IoU/mBA | vs exact IoU/mBA, max diff |")
+            "| decoder s (per scale) | finish s | glue s | IoU/mBA vs GT | coarse IoU/mBA "
+            "| vs exact IoU/mBA, max diff |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in results:
         if "error" in r:
