@@ -1,4 +1,6 @@
-"""Fast mode: later stages re-encode and re-decode only a band around the previous stage's boundary.
+"""Fast mode: by default the schedule's last stage alone, re-encoding and re-decoding only a band around the coarse
+mask's boundary; with `last_stage_only=False`, every stage, the later ones banded around the previous stage's
+boundary.
 
 Mixed into `Refiner` (`FastMode`); it shares the exact engine's padding, encoding and decoding, so that inside
 the band it computes what exact mode computes. Its speed and its mBA gap to exact mode: docs/benchmark.md.
@@ -32,16 +34,23 @@ class FastOptions:
     not at their own resolution; band_full: band stages before the last decode their band at full resolution.
     With the four-scale schedule at 4K they take fast mode's mBA gap to exact mode from 0.77 to 0.30 and 0.20
     (docs/benchmark.md).
+    last_stage_only: run only the schedule's last stage, banded around the coarse mask (`coarse_band`), instead of
+    every stage. With the shipped model's `auto` schedule the stage before the last is itself a band stage around
+    the same coarse boundary at half the resolution, so it can reach no further than the last stage does; it
+    cost 30-40 % of fast mode's time. Without it, and with the 16-px halo (32 before: same mBA, 10-20 % faster),
+    fast mode is 4-10x exact mode at 2K-4K instead of 2.6-6.5x, with mBA at most 0.11 below exact mode's
+    (docs/benchmark.md, issue 32). False runs every stage.
     """
 
     band: int = 16
     unsettled: float = 0.2
     tile: int = 128
-    halo: int = 32
+    halo: int = 16
     band_from: float = 0.5
     coarse_band: float = 0.005
     next_grid: bool = True
     band_full: bool = True
+    last_stage_only: bool = True
 
     def __post_init__(self):
         if self.tile % 2 or self.halo % 2 or self.tile <= 0 or self.halo < 0:
@@ -62,6 +71,8 @@ class FastMode:
         B, (Hp, Wp) = len(masks), seg.shape[-2:]
         cell = (2 / Hp, 2 / Wp)
         stages = stage_scales(scales, (Hp, Wp), max_side, self.auto_base, min_side)
+        if opt.last_stage_only:
+            stages = stages[-1:]
         prev = None
         for i, s in enumerate(stages):
             E = (round(Hp * s), round(Wp * s))

@@ -121,12 +121,65 @@ class Bottleneck(nn.Module):
         out += x if self.downsample is None else bn_(self.downsample[1], self.downsample[0](x))
         return out.relu_()
 
+    def folded(self, x):
+        """`_inference` with every BN folded into the convolution before it (`conv_bn`): one pass over each
+        activation fewer, the same result to float rounding. The refiner's encoder path."""
+        out = conv_bn(self.conv1, self.bn1, x).relu_()
+        out = conv_bn(self.conv2, self.bn2, out).relu_()
+        out = conv_bn(self.conv3, self.bn3, out)
+        out += x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
+        return out.relu_()
+
 
 def bn_(bn, x):
     """Eval-mode BatchNorm applied in place (inference only)."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
     return x.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
+
+
+def conv_bn(conv, bn, x):
+    """conv(x) followed by eval-mode BatchNorm, as one convolution whose weights and bias carry the BN (inference).
+
+    Folding saves a read and a write of the convolution's output, which at full resolution is most of what the
+    BN costs. The folded weights are cached on the conv and made again whenever a parameter or running
+    statistic of either module changes (their tensors' version counters: `load_state_dict` and in-place edits
+    bump them), so the model itself stays as trained and saved. They are kept channels_last: with channels_last
+    inputs oneDNN then runs without reordering activations between layers (docs/benchmark.md).
+    """
+    tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    cached = conv.__dict__.get("_folded")
+    if cached is None or cached[0] != key:
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+        cached = (key, weight, bn.bias - bn.running_mean * scale)
+        conv.__dict__["_folded"] = cached
+    if is_pointwise(conv) and x.is_contiguous(memory_format=torch.channels_last):
+        return pointwise_conv(x, cached[1], cached[2])
+    return F.conv2d(x, cached[1], cached[2], conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def is_pointwise(conv):
+    """A 1x1 convolution with stride 1: a matrix product over the channels at every pixel."""
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), 0)
+
+
+def pointwise_conv(x, weight, bias):
+    """A 1x1, stride-1 convolution of a channels_last tensor as one matrix product on its NHWC memory.
+
+    On the CPU torch sends 1x1 convolutions to its generic path, which copies a channels_last input to NCHW and
+    back (about a quarter of the encoder's time at 2K); in NHWC memory the convolution is already one
+    (pixels x channels) @ (channels x out) product. The result is a channels_last NCHW view, no copy."""
+    y = F.linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], -1), bias)
+    return y.permute(0, 3, 1, 2)
+
+
+def run_folded(layer, x):
+    """A Sequential of Bottlenecks with their BNs folded (`Bottleneck.folded`)."""
+    for block in layer:
+        x = block.folded(x)
+    return x
 
 
 class Encoder(nn.Module):
@@ -203,6 +256,15 @@ class Neck(nn.Module):
         if not self.training and not torch.is_grad_enabled():  # in place: these maps are GBs at 6K
             return bn_(bn, bn_(conv.bn, conv.atrous_conv(x)).relu_()).relu_()
         return self.dropout(F.relu(bn(conv(x)), inplace=True))
+
+    def folded_branch(self, x, conv, bn):
+        """`branch` in inference with the conv's own BN folded (`conv_bn`); the outer BN follows a ReLU and
+        stays a separate (in-place) pass."""
+        return bn_(bn, conv_bn(conv.atrous_conv, conv.bn, x).relu_()).relu_()
+
+    def folded_fusion(self, slab):
+        """`last_conv` in inference (dropout is the identity) with its BN folded."""
+        return conv_bn(self.last_conv[0], self.last_conv[1], slab).relu_()
 
     def forward(self, x1, x2, x3):
         b1 = self.branch(x1, self.aspp1_128, self.bn1_128)
@@ -345,6 +407,7 @@ class CRM(nn.Module):
         trunk's activations would exceed `trunk_budget` bytes, the trunk runs over row tiles (`branches`).
         """
         n = self.aspp_
+        x = x.contiguous(memory_format=torch.channels_last)
         b1, b2, b3 = self.branches(x, trunk_budget)
         B, Hf, Wf = x.shape[0], (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
         out = x.new_empty(B, Hf, Wf, self.cfg.hidden)
@@ -355,7 +418,8 @@ class CRM(nn.Module):
             lo, hi = max(0, r0 - 1), min(Hf, r1 + 1)
             slab = torch.cat((self._stem_branch_rows(x, lo, hi) if b1 is None else b1[:, :, lo:hi],
                               upsample_rows(b2, (Hf, Wf), lo, hi), upsample_rows(b3, (Hf, Wf), lo, hi)), 1)
-            feat = n.last_conv(slab)[:, :, r0 - lo : r0 - lo + r1 - r0]
+            slab = slab.contiguous(memory_format=torch.channels_last)  # a no-op unless a part came in as NCHW
+            feat = n.folded_fusion(slab)[:, :, r0 - lo : r0 - lo + r1 - r0]
             out[:, r0:r1] = torch.einsum("bchw,kc->bhwk", feat, w)
         return out
 
@@ -394,20 +458,20 @@ class CRM(nn.Module):
         n = self.aspp_
         c0, c1 = max(0, 2 * lo - 8), min(x.shape[-2], 2 * hi + 8)  # even start: the stride-2 grid aligns
         y = self._stem(x[:, :, c0:c1])
-        return n.branch(y, n.aspp1_128, n.bn1_128)[:, :, lo - c0 // 2 : hi - c0 // 2]
+        return n.folded_branch(y, n.aspp1_128, n.bn1_128)[:, :, lo - c0 // 2 : hi - c0 // 2]
 
     def _stem(self, x):
-        return bn_(self.feats.bn1, self.feats.conv1(x)).relu_()
+        return conv_bn(self.feats.conv1, self.feats.bn1, x).relu_()
 
     def _branches(self, x, stride2=True):
         """(b1, b2, b3); b1 is None with stride2=False (row tiles: it is recomputed per fusion slab instead)."""
         n, f = self.aspp_, self.feats
         x = self._stem(x)
-        b1 = n.branch(x, n.aspp1_128, n.bn1_128) if stride2 else None
-        x = f.layer1(f.maxpool(x))
-        b2 = n.branch(x, n.aspp1_256, n.bn1_256)
-        x = f.layer3(f.layer2(x))
-        return b1, b2, n.branch(x, n.aspp1_1024, n.bn1_1024)
+        b1 = n.folded_branch(x, n.aspp1_128, n.bn1_128) if stride2 else None
+        x = run_folded(f.layer1, f.maxpool(x))
+        b2 = n.folded_branch(x, n.aspp1_256, n.bn1_256)
+        x = run_folded(f.layer3, run_folded(f.layer2, x))
+        return b1, b2, n.folded_branch(x, n.aspp1_1024, n.bn1_1024)
 
     def trunk_halo(self):
         """Input rows on each side that one trunk output depends on (its receptive-field radius), with a stride
@@ -488,16 +552,22 @@ class CRM(nn.Module):
         return self._ensemble_torch(proj, rows, cols)
 
     def _ensemble_torch(self, proj, rows, cols):
+        """`_blend` of the four neighbours' logits, organised for the CPU: the feature rows of a row shift are
+        gathered once, with their row term added at the feature grid's width, and shared by both column shifts;
+        each logit is accumulated into the blend as soon as it exists. Same sums as `_blend`, other order."""
         (iy, row_term, area_y), (ix, col_term, area_x) = rows, cols
-        logits, weights = [], []
-        for vy, vx in SHIFTS:
-            a, b = (vy + 1) // 2, (vx + 1) // 2
-            h = proj[:, iy[a]][:, :, ix[b]]  # B x R x C x hidden: gathered 32-d projections
-            h += row_term[a][None, :, None]
-            h += col_term[b][None, None]
-            logits.append(self._mlp_tail(h))
-            weights.append(area_y[a][:, None] * area_x[b][None] + 1e-9)
-        return self._blend(logits, weights)
+        out = None
+        for a in (0, 1):
+            by_row = proj[:, iy[a]]  # B x R x Wf x hidden
+            by_row += row_term[a][None, :, None]
+            for b in (0, 1):
+                h = by_row[:, :, ix[b]]  # B x R x C x hidden: gathered 32-d projections
+                h += col_term[b][None, None]
+                logit = self._mlp_tail(h)
+                weight = area_y[1 - a][:, None] * area_x[1 - b][None] + 1e-9  # the opposite neighbour's area
+                out = logit.mul_(weight) if out is None else out.addcmul_(logit, weight)
+        total = (area_y[0] + area_y[1])[:, None] * (area_x[0] + area_x[1])[None] + 4e-9
+        return out.div_(total)
 
     def _mlp_tail(self, h):
         layers = self.imnet.layers
@@ -589,6 +659,8 @@ def upsample_rows(x, size, lo, hi):
     i1 = (i0 + 1).clamp_(max=h - 1)
     t = (pos - i0.float()).view(1, 1, -1, 1)
     rows = x[:, :, i0] * (1 - t) + x[:, :, i1] * t
+    if x.is_contiguous(memory_format=torch.channels_last):  # keep the layout: the fusion conv's slab is channels_last
+        rows = rows.contiguous(memory_format=torch.channels_last)
     return F.interpolate(rows, size=(hi - lo, size[1]), mode="bilinear", align_corners=True)
 
 

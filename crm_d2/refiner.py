@@ -41,7 +41,8 @@ class Refiner(FastMode):
         max_batch: masks encoded together at once.
         amp: run the encoder in bfloat16 autocast (faster on CUDA, slower on CPUs without bf16 units; not
             bit-exact, its error is measured in docs/benchmark.md).
-        mode: "exact" (the released protocol) or "fast" (band-limited later stages, see `FastOptions`).
+        mode: "exact" (the released protocol) or "fast" (the schedule's last stage only, re-encoded and re-decoded
+            only in a band around the coarse mask's boundary; see `FastOptions`).
         fast: FastOptions for mode="fast".
         config: architecture for `weights=None`.
         edge_snap: a guided filter of the refined probability with the photo as guide (`crm_d2.guided`): an

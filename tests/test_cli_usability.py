@@ -75,6 +75,10 @@ def test_benchmark_passes_auto_scales_to_its_children(monkeypatch):
     cfg = dict(size="1k", mode="exact", device="cpu", weights="demo", runs=1, seed=0, budget_mb=64, scales="auto")
     assert bench.child(cfg) == {"ok": 1}
     assert seen[0][seen[0].index("--scales"):] == ["--scales", "auto"]
+    # the coarse masks' factor and the thread count reach the child, which times one configuration
+    bench.child(dict(cfg, coarse_factor=8.0, threads=2))
+    assert seen[1][seen[1].index("--coarse-factor"):][:2] == ["--coarse-factor", "8.0"]
+    assert seen[1][seen[1].index("--threads"):][:2] == ["--threads", "2"]
 
 
 def test_api_says_when_imread_failed():

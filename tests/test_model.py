@@ -156,3 +156,25 @@ def test_trunk_halo_covers_the_receptive_field():
     # conv1 3 + pool 2 + layer1 3x4 + layer2 4+3x8 + layer3 8+5x16 = 133 px for the released ResNet-50
     assert CRM(CRMConfig()).trunk_halo() == 160
     assert CRM(CRMConfig.preset("tiny")).trunk_halo() == 64
+
+
+def test_folded_batchnorm_equals_conv_then_bn_and_follows_weight_changes(tiny_model):
+    """The encoder path folds each BN into its conv and caches the result: it must equal conv + BN, and a change
+    of the model's weights (load_state_dict, in-place edits) must reach the next call, not a stale cache."""
+    from crm_d2.model import bn_, conv_bn
+
+    model = tiny_model.cpu().eval()
+    block = model.feats.layer1[0]
+    x = torch.randn(1, block.conv1.in_channels, 24, 20).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for edit in (None, "running_var", "weight"):
+            if edit == "running_var":
+                block.bn1.running_var.mul_(1.7)
+            elif edit == "weight":
+                block.conv1.weight.add_(0.1)
+            want = bn_(block.bn1, block.conv1(x.contiguous()))
+            torch.testing.assert_close(conv_bn(block.conv1, block.bn1, x), want, atol=1e-5, rtol=1e-5)
+        # and the whole folded trunk + fusion agrees with the module-by-module inference
+        inp = torch.randn(1, 4, 64, 48)
+        ref = model.project(model.encode(inp))
+        torch.testing.assert_close(model.encode_projected(inp), ref, atol=1e-4, rtol=1e-4)

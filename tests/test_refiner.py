@@ -196,7 +196,8 @@ def test_fast_mode_tiles_equal_dense_when_halo_covers_the_image(refiner, scene, 
 
     img, _, coarse = scene
     refiner.mode = "fast"
-    own = dict(next_grid=False, band_full=False)  # every stage decodes its own grid, dense or tiled
+    # every stage runs and decodes its own grid, dense or tiled
+    own = dict(next_grid=False, band_full=False, last_stage_only=False)
     refiner.fast = FastOptions(band_from=10.0, **own)  # every stage dense
     dense = refiner.refine(img, coarse)
     refiner.fast = FastOptions(band=10_000, tile=64, halo=256, band_from=0.2, **own)
@@ -209,7 +210,7 @@ def test_fast_mode_keeps_settled_pixels_from_the_previous_stage(refiner, scene):
 
     img, _, coarse = scene
     refiner.mode = "fast"
-    refiner.fast = FastOptions(band=2, unsettled=0.0, tile=32, halo=16)
+    refiner.fast = FastOptions(band=2, unsettled=0.0, tile=32, halo=16, last_stage_only=False)
     refiner.profile = []
     out = refiner.refine(img, coarse)
     assert out.shape == coarse.shape and np.isfinite(out).all()
@@ -226,7 +227,7 @@ def test_fast_mode_low_stages_decode_what_the_next_stage_reads(refiner, scene):
     refiner.mode = "fast"
     gaps = {}
     for next_grid in (False, True):
-        refiner.fast = FastOptions(band_from=10.0, next_grid=next_grid)  # every stage dense
+        refiner.fast = FastOptions(band_from=10.0, next_grid=next_grid, last_stage_only=False)  # all dense
         gaps[next_grid] = np.abs(refiner.refine(img, coarse) - exact).mean()
     # decoding the next stage's sample points stays much closer to exact mode than decoding each stage's own
     # grid and resizing it (what remains: the decoder at a point vs the bilinear blend of its two neighbours)
@@ -271,6 +272,23 @@ def test_band_cells_marks_the_contour_and_unsettled_pixels():
     assert 4 in cols and 5 in cols  # the cells on both sides of the contour
     assert min(cols) >= 1 and max(cols) <= 8  # radius 8 px = 1 cell, plus one for safety, not more
     assert band[7, 15] and band[5, 13] and not band[0, 12]
+
+
+def test_fast_mode_runs_only_the_last_stage_by_default(refiner, scene, tol):
+    """Fast mode's default skips the stages before the last: with the released four scales it must run the
+    full-scale stage alone, banded around the coarse mask, and give what that one-stage schedule gives."""
+    from crm_d2.fast import FastOptions
+
+    img, _, coarse = scene
+    refiner.mode = "fast"
+    refiner.profile = []
+    out = refiner.refine(img, coarse)
+    assert [p["scale"] for p in refiner.profile if "scale" in p] == [1.0]
+    refiner.scales = (1.0,)
+    np.testing.assert_allclose(out, refiner.refine(img, coarse), atol=tol(1e-6, LOGIT_SCALE))
+    refiner.scales, refiner.fast, refiner.profile = (0.25, 0.5, 1.0), FastOptions(last_stage_only=False), []
+    refiner.refine(img, coarse)
+    assert [p["scale"] for p in refiner.profile if "scale" in p] == [0.25, 0.5, 1.0]
 
 
 def test_fast_mode_with_one_scale_refines_a_band_around_the_coarse_mask(refiner, scene, tol):

@@ -77,18 +77,23 @@ def test_checkpoint_carries_its_schedule_rule(tmp_path):
         Refiner(str(path), device="cpu", scales="fast")
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("mode", ["exact", "fast", "fast, last stage only"])
 def test_mask_skip_passes_the_mask_through_every_stage(tmp_path, mode):
+    from crm_d2.fast import FastOptions
+
     path = _skip_checkpoint(tmp_path, {"scales": [0.5, 1.0]})
-    refiner = Refiner(str(path), device="cpu", mode=mode)
+    every_stage = mode != "fast, last stage only"
+    refiner = Refiner(str(path), device="cpu", mode=mode.split(",")[0],
+                      fast=FastOptions(last_stage_only=not every_stage))
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (96, 128, 3)).astype(np.uint8)
     mask = np.zeros((96, 128), np.float32)
     mask[20:70, 30:100] = 1
     prob = refiner.refine(image, mask)
-    # two stages, each p = sigmoid(2.5 * (2 m - 1)) of the previous one, at the same pixels
+    # two stages (fast mode's default: the last one only), each p = sigmoid(2.5 * (2 m - 1)) of the previous one,
+    # at the same pixels
     expect = mask
-    for _ in range(2):
+    for _ in range(2 if every_stage else 1):
         expect = 1 / (1 + np.exp(-2.5 * (2 * expect - 1)))
     assert np.abs(prob - expect).max() < 2e-3  # the half-scale stage's own grid blurs the mask a little
     assert np.abs(prob[40:50, 50:80] - expect[40:50, 50:80]).max() < 1e-5

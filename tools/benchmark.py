@@ -60,7 +60,10 @@ def run_one(args):
     from crm_d2.train.synthetic import make_scene, upscale_photo
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     H, W = size_hw(args.size)
+    segmenter_side = max(H, W) / args.coarse_factor if args.coarse_factor else None
     cuda = args.device.startswith("cuda")
     if cuda and args.gpu_memory_gb:
         from crm_d2.distributed import with_index
@@ -70,9 +73,10 @@ def run_one(args):
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gb * 2**30 / total), dev)
     if args.photo:
         image_path, mask_path = args.photo.split(os.pathsep)
-        scene = upscale_photo(read_image(image_path), read_mask(mask_path), (H, W), seed=args.seed)
+        scene = upscale_photo(read_image(image_path), read_mask(mask_path), (H, W), seed=args.seed,
+                              segmenter_side=segmenter_side)
     else:
-        scene = make_scene((H, W), seed=args.seed)
+        scene = make_scene((H, W), seed=args.seed, segmenter_side=segmenter_side)
     mask = scene.coarse
     random = args.weights.startswith("random-")
     refiner = Refiner(weights=None if random else args.weights, allow_random=random,
@@ -104,6 +108,8 @@ def run_one(args):
         stages = [st for st in refiner.profile if "scale" in st]
         snap_s = sum(st.get("edge_snap_s", 0.0) for st in refiner.profile)
         grabcut_s = sum(st.get("grabcut_s", 0.0) for st in refiner.profile)
+        # glue: everything that is not the encoder, the decoder or the finish (resizes, padding, copies, the band)
+        glue_s = t - sum(st["encoder_s"] + st["decoder_s"] for st in stages) - snap_s - grabcut_s
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     res = {"size": args.size, "hw": [H, W],
@@ -115,7 +121,7 @@ def run_one(args):
            "stages": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()} for st in stages],
            "edge_snap": option_text(refiner.edge_snap), "edge_snap_s": round(snap_s, 3),
            "rounds": option_text(refiner.rounds), "grabcut": option_text(refiner.grabcut),
-           "grabcut_s": round(grabcut_s, 3),
+           "grabcut_s": round(grabcut_s, 3), "glue_s": round(glue_s, 3), "coarse_factor": args.coarse_factor,
            "threads": torch.get_num_threads(), "budget_mb": args.budget_mb}
     if cuda:
         res["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
@@ -140,6 +146,9 @@ def child(cfg, extra=()):
     cmd = [sys.executable, os.path.abspath(__file__), "--one", "--size", cfg["size"], "--mode", cfg["mode"],
            "--device", cfg["device"], "--weights", cfg["weights"], "--runs", str(cfg["runs"]), "--seed",
            str(cfg["seed"]), "--budget-mb", str(cfg["budget_mb"])] + list(extra)
+    for flag in ("coarse_factor", "threads"):
+        if cfg.get(flag):
+            cmd += ["--" + flag.replace("_", "-"), str(cfg[flag])]
     if cfg.get("photo"):
         cmd += ["--photo", cfg["photo"]]
     if cfg.get("scales"):
@@ -154,7 +163,8 @@ def child(cfg, extra=()):
 
 def markdown(results):
     head = ("| size | input | device | mode | median s | MPix/s | peak GB | encoder s (per scale) "
-            "| decoder s (per scale) | IoU/mBA vs GT | coarse IoU/mBA | vs exact IoU/mBA, max diff |")
+            "| decoder s (per scale) | finish s | glue s | IoU/mBA vs GT | coarse IoU/mBA "
+            "| vs exact IoU/mBA, max diff |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in results:
         if "error" in r:
@@ -167,9 +177,11 @@ def markdown(results):
               if "iou_vs_exact" in r else "")
         snap = f" (edge snap {r['edge_snap_s']:.2f})" if r.get("edge_snap_s") else ""
         snap += f" (grabcut {r['grabcut_s']:.2f})" if r.get("grabcut_s") else ""
+        finish = r.get("edge_snap_s", 0) + r.get("grabcut_s", 0)
         lines.append(f"| {r['size']} | {r['input']} | {r['device']} | {r['mode']} | {r['median_s']:.2f}{snap} "
                      f"| {r['mpix_per_s']:.2f} "
-                     f"| {r['peak_mem_gb']:.2f} | {enc} | {dec} | {r['iou_gt']:.2f}/{r['mba_gt']:.2f} "
+                     f"| {r['peak_mem_gb']:.2f} | {enc} | {dec} | {finish:.2f} | {r.get('glue_s', 0):.2f} "
+                     f"| {r['iou_gt']:.2f}/{r['mba_gt']:.2f} "
                      f"| {r['coarse_iou_gt']:.2f}/{r['coarse_mba_gt']:.2f} | {vs} |")
     return "\n".join(lines)
 
@@ -190,6 +202,10 @@ def main():
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="CUDA: cap the caching allocator at this many GiB (emulates a smaller card)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coarse-factor", type=float, default=None,
+                   help="coarse masks from a segmenter this many times coarser than the image (e.g. 8); default: "
+                        "the scene seed's own (96-320 px on the long side)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--budget-mb", type=int, default=512)
     p.add_argument("--edge-snap", default=None, type=edge_snap_argument,
                    help="Refiner's edge_snap (RADIUS:PASSES:EPS or off; default: the model's own)")
@@ -227,7 +243,8 @@ def main():
                 exact_pred = os.path.join(tmp, f"{device}_{size}_{k}.npy")
                 for mode in sorted(args.modes, key=lambda m: m != "exact"):  # exact first: others compare to it
                     cfg = dict(size=size, mode=mode, device=device, weights=args.weights, runs=args.runs,
-                               seed=args.seed, budget_mb=args.budget_mb, scales=args.scales, photo=photo)
+                               seed=args.seed, budget_mb=args.budget_mb, scales=args.scales, photo=photo,
+                               coarse_factor=args.coarse_factor, threads=args.threads)
                     extra = ["--save-pred", exact_pred] if mode == "exact" else (
                         ["--compare-to", exact_pred] if os.path.exists(exact_pred) else [])
                     extra += ["--warmup", str(args.warmup)]

@@ -85,6 +85,10 @@ TOPICS = [
         row("FastOptions.unsettled"), row("FastOptions.tile"), row("FastOptions.halo"),
         row("FastOptions.band_from"), row("FastOptions.coarse_band"), row("FastOptions.next_grid"),
         row("FastOptions.band_full"),
+        row("FastOptions.last_stage_only",
+            when="False for masks far off their object (very coarse input): every stage runs, the high ones banded "
+                 "around the previous stage's boundary; 4-10x becomes 2.6-6.5x exact mode at 2K-4K "
+                 "(docs/benchmark.md)."),
     ]),
     ("Finish steps", "Run on each refined probability, after the model.", [
         row("Refiner.edge_snap", "--edge-snap", "EDGE_SNAP",
