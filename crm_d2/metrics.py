@@ -77,6 +77,13 @@ def iou(pred, gt):
     return inter / union if union else math.nan
 
 
+def outline(mask):
+    """The pixels of a bool mask that touch its outside (3x3): its boundary, one pixel wide. Refinement's shift is
+    normalised by its length (crm_d2.schedule), and the report's pictures draw it."""
+    m = mask.astype(np.uint8)
+    return m != cv2.erode(m, None)
+
+
 def mba_radii(h, w):
     """The five CascadePSP radii for an h x w image: 1 + int((max_r - 1) / 5 * i), max_r = (w + h) / 300."""
     max_r = (w + h) / 300

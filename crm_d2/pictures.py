@@ -6,6 +6,8 @@ One home for the demo's panoptic pictures, `crm-d2 refine --overlay` and the rep
 import cv2
 import numpy as np
 
+from .metrics import outline
+
 __all__ = ["overlay", "side_by_side", "mask_panel", "draw_title", "outlined_crop"]
 
 
@@ -60,12 +62,6 @@ def mask_panel(title, *masks):
     return title, ids, [{"id": k + 1, "category_id": k + 1} for k in range(len(masks))]
 
 
-def _edge(mask):
-    """Pixels of a bool mask that touch a pixel outside it (4-neighbourhood): its boundary, one pixel wide."""
-    inner = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)
-    return mask & (inner == 0)
-
-
 def outlined_crop(image, box, outlines, side=320):
     """The photo inside box (x0, y0, x1, y1, clipped to it) scaled so that its long side is `side` px, with each
     (mask, RGB colour) of `outlines` drawn as a 2-px boundary in that colour, later ones on top.
@@ -88,6 +84,6 @@ def outlined_crop(image, box, outlines, side=320):
             mask = mask[y0:y1, x0:x1]
         scaled = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA if shrink else
                             cv2.INTER_LINEAR) >= 0.5
-        line = cv2.dilate(_edge(scaled).astype(np.uint8), thick) > 0
+        line = cv2.dilate(outline(scaled).astype(np.uint8), thick) > 0
         out[line] = colour
     return out

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 
 from .inputs import check_option_fields, parse_option
+from .metrics import outline
 
 DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0)  # the release's schedule (and the authors' checkpoint's)
 AUTO_BASE = 512  # "auto" schedule: the first stage's long side, about what a checkpoint was trained on
@@ -43,12 +44,6 @@ def stage_scales(scales, padded_shape, max_side=None, base=AUTO_BASE, min_side=N
         if not out or abs(out[-1] - s) > 1e-9:
             out.append(s)
     return tuple(out)
-
-
-def outline(mask):
-    """The pixels of a bool mask that touch its outside (3x3): its boundary, whose length normalises shifts."""
-    m = mask.astype(np.uint8)
-    return m != cv2.erode(m, None)
 
 
 def boundary_shift(prob, coarse):
