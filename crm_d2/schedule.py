@@ -3,7 +3,6 @@ still moving, and ROI crops (the paper's CRM*)."""
 import math
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from .inputs import check_option_fields, parse_option
