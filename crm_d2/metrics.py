@@ -114,16 +114,17 @@ def _boundary_accuracy(pred, gt, bands=None):
     return sum(np.count_nonzero(correct & b) / np.count_nonzero(b) for b in bands) / MBA_STEPS
 
 
-def boundary_accuracy(pred, gt, image_size=None):
+def boundary_accuracy(pred, gt, image_size=None, bands=None):
     """CascadePSP's boundary accuracy of one image as a fraction in [0, 1]: the mean over five radii of the share
     of GT-boundary-band pixels where the prediction agrees with the GT. NaN when the band is empty (all-0 or
     all-1 GT), which callers should skip rather than count.
 
     `image_size`: (h, w) of the photo when pred and gt are a crop of it (the report's gallery scores one segment
     in its crop): the photo's radii then apply, and a crop that holds the GT's whole band (a margin wider than
-    the largest radius, or the photo's own edge) gives the number of the whole photo."""
+    the largest radius, or the photo's own edge) gives the number of the whole photo. `bands`: this GT's
+    `boundary_bands`, when several predictions are scored against it."""
     pred, gt = _pair(pred, gt)
-    return _boundary_accuracy(pred, gt, boundary_bands(gt, image_size))
+    return _boundary_accuracy(pred, gt, boundary_bands(gt, image_size) if bands is None else bands)
 
 
 class RefinementMetrics:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import atomic_write, read_image, write_image, write_json
-from .metrics import boundary_accuracy, mba_radii
+from .metrics import boundary_accuracy, boundary_bands, intersection_union, mba_radii
 from .pictures import outlined_crop
 
 __all__ = ["GALLERY_SIZE", "Gallery", "segment_entry", "panoptic_gallery", "instances_gallery",
@@ -154,11 +154,12 @@ def segment_entry(image, base, crm, gt=None, category="", where=""):
              "area_base": int(base.sum()), "area_crm": int(crm.sum()), "box": [int(x0), int(y0), int(x1), int(y1)]}
     if gt is not None:
         g = cut["gt"]
+        bands = boundary_bands(g, image_size)  # the costly part of mBA: once for both sides
         for side in ("base", "crm"):
             m = cut[side]
-            union = np.count_nonzero(m | g)
-            entry[f"iou_{side}"] = 100.0 * np.count_nonzero(m & g) / union if union else None
-            entry[f"mba_{side}"] = _pct(boundary_accuracy(m, g, image_size=image_size))
+            inter, union = intersection_union(m, g)
+            entry[f"iou_{side}"] = 100.0 * inter / union if union else None
+            entry[f"mba_{side}"] = _pct(boundary_accuracy(m, g, bands=bands))
     outlines = [(cut[k], COLOURS[k]) for k in ("gt", "base", "crm") if cut[k] is not None]
     entry["picture"] = outlined_crop(image[y0:y1, x0:x1], (0, 0, x1 - x0, y1 - y0), outlines, CROP_SIDE)
     return entry
@@ -273,7 +274,7 @@ def instances_gallery(gt, base_results, crm_results, image_path, size=GALLERY_SI
                 else mask_utils.frPyObjects(seg, im["height"], im["width"])
         return mask_utils.decode(rle_bytes(seg)).astype(bool)
 
-    photos = {}
+    photo, photo_id = None, None  # the current image's photo only: a gallery entry is made when it is offered
     for res in base_results:
         im = images.get(res["image_id"])
         if im is None:
@@ -287,7 +288,8 @@ def instances_gallery(gt, base_results, crm_results, image_path, size=GALLERY_SI
         moved = b_area + r_area - 2 * inter
         if not gallery.would_take(moved):
             continue
-        photo = photos.setdefault(res["image_id"], _Photo(image_path(res["image_id"], im)))
+        if photo_id != res["image_id"]:
+            photo, photo_id = _Photo(image_path(res["image_id"], im)), res["image_id"]
 
         def make(res=res, ref=ref, im=im, photo=photo):
             b = decode(res["segmentation"], im)
