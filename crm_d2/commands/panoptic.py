@@ -205,8 +205,8 @@ def write_report(report_dir, gt, pred, refined, images_dir, base, crm, per_categ
     def image_path(image_id, ann):
         return find_image(images_dir, image_id, [images.get(image_id, {}).get("file_name"), ann["file_name"]])
 
-    ids = list(refined.annotations)
-    return panoptic_report(report_dir, subset(gt, ids), subset(pred, ids), refined, image_path,
+    # the gallery walks the refined annotations and looks the base and GT ones up by image id
+    return panoptic_report(report_dir, gt, pred, refined, image_path,
                            pq_comparison(base, crm), per_category, source, overwrite, title=title)
 
 

@@ -13,11 +13,9 @@ tables), which goes under `per_category` in the JSON each path writes, and print
 """
 import math
 
-__all__ = ["PANOPTIC_METRICS", "AP_METRICS", "SIZE_ROWS", "panoptic_per_category", "panoptic_rows", "ap_rows",
+__all__ = ["SIZE_ROWS", "panoptic_per_category", "panoptic_rows", "ap_rows",
            "combine", "ranking_metric", "biggest_changes", "format_changes"]
 
-PANOPTIC_METRICS = ("pq", "sq", "rq", "segments")
-AP_METRICS = ("AP", "AP50", "AP75")
 SIZE_ROWS = ("small", "medium", "large")  # COCOeval's area ranges 1..3 (0 is "all")
 TOP = 10
 
