@@ -23,7 +23,7 @@ from .io import atomic_write, read_image, write_image, write_json
 from .metrics import boundary_accuracy, boundary_bands, intersection_union, mba_radii
 from .pictures import outlined_crop
 
-__all__ = ["GALLERY_SIZE", "Gallery", "segment_entry", "panoptic_gallery", "instances_gallery",
+__all__ = ["GALLERY_SIZE", "Gallery", "report_source", "segment_entry", "panoptic_gallery", "instances_gallery",
            "check_report_dir", "write_report", "comparison_groups", "pq_comparison", "ap_comparison",
            "panoptic_report", "instances_report"]
 
@@ -37,6 +37,11 @@ GALLERY_DIR = "gallery"
 
 
 # ----------------------------------------------------------------------------------------- the report folder
+def report_source(command, out_dir):
+    """What names a run for its report folder (`check_report_dir`): the command and its output folder."""
+    return {"command": command, "output": str(Path(out_dir).resolve())}
+
+
 def check_report_dir(report_dir, source, overwrite=False):
     """Refuse a report folder that holds something else than this run's report, unless `overwrite`.
 

@@ -45,11 +45,6 @@ def add_report_arguments(parser, default_help="no report"):
                              "it does not redo the run: for other settings use another -o")
 
 
-def report_source(command, out_dir):
-    """What names a run for its report folder (crm_d2.report.check_report_dir): the command and its -o."""
-    return {"command": command, "output": str(Path(out_dir).resolve())}
-
-
 def model_settings(args):
     """What `add_model_arguments` adds that decides a run's outputs (device and memory budget do not), for the
     settings a folder run records and checks (`check_run_settings`)."""

@@ -19,9 +19,9 @@ import numpy as np
 from crm_d2.io import read_image, read_mask, write_image, write_png
 from crm_d2.panoptic.coco import PanopticSet, write_panoptic_image, write_panoptic_json
 from crm_d2.pictures import side_by_side
-from crm_d2.report import check_report_dir
+from crm_d2.report import check_report_dir, report_source
 
-from .common import add_report_arguments, build_refiner, check_run_settings, model_settings, report_source
+from .common import add_report_arguments, build_refiner, check_run_settings, model_settings
 from .panoptic import add_refine_arguments, evaluate, options_from_args, refine_panoptic_set, report, write_report
 
 NAME = "demo"

@@ -21,9 +21,9 @@ from crm_d2.panoptic.instances_eval import (encode_mask, entity_gt_from_panoptic
                                             rle_bytes)
 from crm_d2.panoptic.per_category import combine, format_changes
 from crm_d2.panoptic.refine import refine_instances
-from crm_d2.report import ap_comparison, check_report_dir, instances_report
+from crm_d2.report import ap_comparison, check_report_dir, instances_report, report_source
 
-from .common import add_report_arguments, build_refiner, check_run_settings, model_settings, report_source
+from .common import add_report_arguments, build_refiner, check_run_settings, model_settings
 from .panoptic import add_refine_arguments, find_image, options_from_args
 
 NAME = "instances"

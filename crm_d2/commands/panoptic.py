@@ -16,10 +16,10 @@ from crm_d2.io import IMAGE_EXTS, read_image, write_json
 from crm_d2.panoptic.coco import PanopticSet, read_panoptic_sidecar, write_panoptic_image, write_panoptic_json
 from crm_d2.panoptic.merge import MERGE_RULES
 from crm_d2.panoptic.refine import TARGETS, SegmentRefineOptions, refine_panoptic
-from crm_d2.report import check_report_dir
+from crm_d2.report import check_report_dir, report_source
 
 from .common import (add_model_arguments, add_report_arguments, add_scales_argument, build_refiner,
-                     check_run_settings, model_settings, report_source)
+                     check_run_settings, model_settings)
 
 NAME = "panoptic"
 HELP = "refine a COCO panoptic prediction with CRM; PQ/SQ/RQ with and without CRM"

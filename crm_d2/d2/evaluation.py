@@ -42,7 +42,7 @@ from crm_d2.panoptic.instances_eval import (
 )
 from crm_d2.panoptic.per_category import combine, format_changes, panoptic_per_category
 from crm_d2.panoptic.pq import format_pq_table, pq_compute
-from crm_d2.report import comparison_groups, instances_report, panoptic_report
+from crm_d2.report import comparison_groups, instances_report, panoptic_report, report_source
 
 from .meta_arch import BASE_OUTPUTS_KEY
 
@@ -252,7 +252,8 @@ class CRMComparisonEvaluator(DatasetEvaluator):
         self._photos = []  # (image_id, file_name): where the report finds each photo
 
     def process(self, inputs, outputs):
-        self._photos.extend((inp["image_id"], inp["file_name"]) for inp in inputs if "file_name" in inp)
+        if self._report:
+            self._photos.extend((inp["image_id"], inp["file_name"]) for inp in inputs if "file_name" in inp)
         base, refined = [], []
         for out in outputs:
             if BASE_OUTPUTS_KEY not in out:
@@ -269,7 +270,7 @@ class CRMComparisonEvaluator(DatasetEvaluator):
                            "both columns evaluate the same outputs")
         base = self._base.evaluate()
         crm = self._crm.evaluate() if self._crm_enabled else copy.deepcopy(base)
-        photos = _gather(self._photos)
+        photos = _gather(self._photos) if self._report else []  # collective: every rank has the same _report
         if not comm.is_main_process():
             return None
         base, crm = base or {}, crm or {}
@@ -292,7 +293,7 @@ class CRMComparisonEvaluator(DatasetEvaluator):
         if self._report and base_eval is not None and crm_eval is not None:
             page = write_evaluation_report(os.path.join(self._output_dir, "report"), base_eval, crm_eval,
                                            dict(photos), comparison_groups(base, crm), per_category,
-                                           {"command": "train_net", "output": str(Path(self._output_dir).resolve())},
+                                           report_source("train_net", self._output_dir),
                                            title=f"CRM on {self._name}")
             logger.info(f"report of {self._name}: {page}")
         results = OrderedDict()
