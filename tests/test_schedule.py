@@ -141,10 +141,10 @@ def test_heldout_eval_command(tmp_path):
                                                                       "ecssd_syn0000_polygon.png"]
 
 
-def test_heldout_eval_moves_a_sources_photos_onto_its_labels(tmp_path):
+def test_heldout_eval_moves_a_sources_photos_onto_its_labels(tmp_path, monkeypatch):
     """--label-offset SOURCE=DX,DY: that source's photos are moved by (DX, DY) before refining (the analysis of a
     registration error); the others and every ground truth are read as they are."""
-    sys.path.insert(0, str(ROOT / "tools"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
     from heldout_eval import heldout_items, label_offset_argument, load_photos
 
     from crm_d2.train.registration import move_photo
@@ -166,10 +166,10 @@ def test_heldout_eval_moves_a_sources_photos_onto_its_labels(tmp_path):
             label_offset_argument(bad)
 
 
-def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp_path):
+def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp_path, monkeypatch):
     from crm_d2.train.synthetic import write_pairs_folder
 
-    sys.path.insert(0, str(ROOT / "tools"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
     from heldout_eval import dev_items, heldout_items
 
     write_pairs_folder(tmp_path / "data" / "ecssd", 40, size=(64, 80), seed=3)
@@ -198,12 +198,12 @@ def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp
     assert "rounds" not in cal.model.meta and str(cal.rounds) == "1"  # one round needs no entry
 
 
-def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_into_the_model(tmp_path):
+def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_into_the_model(tmp_path, monkeypatch):
     from crm_d2.grabcut import LOW_GATE_FEATURES, GrabCut
     from crm_d2.train.synthetic import write_pairs_folder
 
     write_pairs_folder(tmp_path / "data" / "ecssd", 70, size=(64, 80), seed=3)
-    sys.path.insert(0, str(ROOT / "tools"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
     from heldout_eval import dev_items
 
     empty = dev_items(tmp_path / "data", every=1)[-1].mask  # a development photo with nothing in its mask is skipped
@@ -243,12 +243,12 @@ def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_i
     assert not first_only.gate.pairs and len(first_only.gate.coef) == len(first_only.gate.features)
 
 
-def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_from_its_cache(tmp_path):
+def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_from_its_cache(tmp_path, monkeypatch):
     """--train-every N adds every N-th training photo to what the gates are fitted on, never to the folds' table;
     --workers measures photos in processes; --cache keeps each photo's rows, resumes, and refuses other settings."""
     from crm_d2.train.synthetic import write_pairs_folder
 
-    sys.path.insert(0, str(ROOT / "tools"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
     from heldout_eval import dev_items, training_items
 
     write_pairs_folder(tmp_path / "data" / "ecssd", 40, size=(64, 80), seed=5)
@@ -276,7 +276,7 @@ def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_
     written = Refiner(str(tmp_path / "a.pth"), device="cpu")
     cal = written.model.meta["grabcut_calibration"]
     assert cal["dev_photos"] == 2 and cal["train_photos"] == 3
-    sys.path.insert(0, str(ROOT / "tools" / "maintain"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools" / "maintain"))
     from calibrate_grabcut import _as_arrays, fit_gates  # the written gates are fitted on all rows, training too
 
     rows = [_as_arrays(r) for r in res["rows"]]
@@ -303,10 +303,10 @@ def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_
     assert out.returncode != 0 and "other settings" in out.stderr and "train_every" in out.stderr
 
 
-def test_training_items_leave_out_the_photos_the_demo_shows(tmp_path):
+def test_training_items_leave_out_the_photos_the_demo_shows(tmp_path, monkeypatch):
     """The training configs exclude the demo's five CCP photos; so do the gates' training photos, after thinning
     (the same other photos are taken). The shipped model's recipe and the demo name the same photos."""
-    sys.path.insert(0, str(ROOT / "tools"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
     from heldout_eval import demo_photos, heldout_split, training_items
 
     from crm_d2.train.synthetic import write_pairs_folder

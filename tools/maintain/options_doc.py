@@ -153,6 +153,11 @@ TOPICS = [
 ]
 
 
+# (command, flag) pairs that a row names for some commands only ("--output@train"): no plain row takes them
+CLAIMED = {(c, f) for _, _, rows in TOPICS for r in rows for spec in r["cli"] if "@" in spec
+           for f, _, cs in [spec.partition("@")] for c in cs.split(",")}
+
+
 # ------------------------------------------------------------------------------------------- the definitions
 def python_options():
     """{"Refiner.scales": default, ...} from the signatures and dataclasses."""
@@ -245,9 +250,7 @@ def cli_rows(cli, spec):
     flag, _, commands = spec.partition("@")
     if commands:
         return [(c, flag) for c in commands.split(",")]
-    claimed = {(c, f) for topic in TOPICS for r in topic[2] for s in r["cli"] if "@" in s
-               for f, _, cs in [s.partition("@")] for c in cs.split(",")}
-    return sorted(k for k in cli if k[1] == flag and k not in claimed)
+    return sorted(k for k in cli if k[1] == flag and k not in CLAIMED)
 
 
 def coverage():
@@ -309,7 +312,7 @@ def render():
             names_py = []
             for n in r["python"]:
                 owner, name = n.split(".")
-                names_py.append(f"`{owner}({name}=)`" if owner != "refine" else f"`refine({name}=)`")
+                names_py.append(f"`{owner}({name}=)`")
                 defaults.append(("Python", shown(py[n])))
             names_cli = []
             for spec in r["cli"]:
