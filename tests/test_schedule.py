@@ -17,6 +17,7 @@ from crm_d2.schedule import DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, auto_scales, sta
 from crm_d2.train.perturb import PerturbConfig, blob_perturb, lowres_protocol, mask_iou, perturb_mask
 
 ROOT = Path(__file__).resolve().parents[1]
+MAINTAIN = ROOT / "tools" / "maintain"  # the scripts that keep the shipped model
 
 
 def test_auto_schedule_starts_near_the_training_resolution_and_doubles():
@@ -182,7 +183,7 @@ def test_calibrate_skip_picks_the_gain_on_photos_heldout_eval_does_not_judge(tmp
     cv2.imwrite(str(extra[0].mask), np.zeros((64, 80), np.uint8))  # one of them empty: skipped, not a crash
     # the skip-only model returns its coarse mask (gain 2.5); x0 would trust it not at all (p = 0.5 everywhere)
     weights = _skip_checkpoint(tmp_path, {"scales": "auto"})
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "maintain" / "calibrate_skip.py"), "--weights", str(weights),
+    out = subprocess.run([sys.executable, str(MAINTAIN / "calibrate_skip.py"), "--weights", str(weights),
                           "--output", str(tmp_path / "cal.pth"), "--data", str(tmp_path / "data"), "--every", "1",
                           "--multipliers", "0", "1", "--rounds", "1", "2", "--recipes", "8x", "--threads", "1",
                           "--json", str(tmp_path / "cal.json")], capture_output=True, text=True, timeout=300)
@@ -209,7 +210,7 @@ def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_i
     empty = dev_items(tmp_path / "data", every=1)[-1].mask  # a development photo with nothing in its mask is skipped
     cv2.imwrite(str(empty), np.zeros((64, 80), np.uint8))
     weights = _skip_checkpoint(tmp_path, {"scales": "auto"})  # gives back its coarse mask
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "maintain" / "calibrate_grabcut.py"), "--weights", str(weights),
+    out = subprocess.run([sys.executable, str(MAINTAIN / "calibrate_grabcut.py"), "--weights", str(weights),
                           "--output", str(tmp_path / "gated.pth"), "--data", str(tmp_path / "data"), "--every", "1",
                           "--band", "2", "--recipes", "8x", "16x", "--threads", "1", "--train-every", "0",
                           "--json", str(tmp_path / "g.json")],
@@ -233,7 +234,7 @@ def test_calibrate_grabcut_fits_a_gate_on_the_development_photos_and_writes_it_i
     assert gated.grabcut.low_gain == 0.5 and gated.grabcut.low_gate.features == LOW_GATE_FEATURES
     assert "gated + low gain (folds)" in res["folds"]
     assert all(r["low"] == r["cut"] and len(r["low_features"]) == len(LOW_GATE_FEATURES) for r in res["rows"])
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "maintain" / "calibrate_grabcut.py"), "--weights", str(weights),
+    out = subprocess.run([sys.executable, str(MAINTAIN / "calibrate_grabcut.py"), "--weights", str(weights),
                           "--output", str(tmp_path / "first_only.pth"), "--data", str(tmp_path / "data"),
                           "--band", "2", "--recipes", "8x", "--threads", "1", "--low-gain", "0", "--gate", "linear"],
                          capture_output=True, text=True, timeout=300)
@@ -256,7 +257,7 @@ def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_
     weights = _skip_checkpoint(tmp_path, {"scales": "auto"})
 
     def calibrate(name, *extra):
-        out = subprocess.run([sys.executable, str(ROOT / "tools" / "maintain" / "calibrate_grabcut.py"), "--weights", str(weights),
+        out = subprocess.run([sys.executable, str(MAINTAIN / "calibrate_grabcut.py"), "--weights", str(weights),
                               "--output", str(tmp_path / f"{name}.pth"), "--data", str(tmp_path / "data"),
                               "--band", "2", "--recipes", "8x", "--threads", "1",
                               "--json", str(tmp_path / f"{name}.json"), *extra],
@@ -276,7 +277,7 @@ def test_calibrate_grabcut_adds_training_photos_in_worker_processes_and_resumes_
     written = Refiner(str(tmp_path / "a.pth"), device="cpu")
     cal = written.model.meta["grabcut_calibration"]
     assert cal["dev_photos"] == 2 and cal["train_photos"] == 3
-    monkeypatch.syspath_prepend(str(ROOT / "tools" / "maintain"))
+    monkeypatch.syspath_prepend(str(MAINTAIN))
     from calibrate_grabcut import _as_arrays, fit_gates  # the written gates are fitted on all rows, training too
 
     rows = [_as_arrays(r) for r in res["rows"]]
