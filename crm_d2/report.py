@@ -261,7 +261,7 @@ def instances_gallery(gt, base_results, crm_results, image_path, size=GALLERY_SI
     same image, category and score (refinement changes only the mask; a dropped one pairs with none)."""
     from pycocotools import mask as mask_utils
 
-    from .panoptic.instances_eval import rle_bytes
+    from .panoptic.instances_eval import compressed_rle, rle_bytes
 
     gallery = Gallery(size)
     images = {im["id"]: im for im in gt["images"]}
@@ -274,10 +274,8 @@ def instances_gallery(gt, base_results, crm_results, image_path, size=GALLERY_SI
         refined_by_key.setdefault((r["image_id"], r["category_id"], float(r["score"])), []).append(r)
 
     def decode(seg, im):
-        if isinstance(seg, list) or isinstance(seg.get("counts"), list):
-            seg = mask_utils.merge(mask_utils.frPyObjects(seg, im["height"], im["width"])) if isinstance(seg, list) \
-                else mask_utils.frPyObjects(seg, im["height"], im["width"])
-        return mask_utils.decode(rle_bytes(seg)).astype(bool)
+        rle = compressed_rle(seg, im["height"], im["width"], f"image {im['id']}")
+        return mask_utils.decode(rle_bytes(rle)).astype(bool)
 
     photo, photo_id = None, None  # the current image's photo only: a gallery entry is made when it is offered
     for res in base_results:

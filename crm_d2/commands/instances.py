@@ -17,8 +17,8 @@ from pycocotools import mask as mask_utils
 
 from crm_d2.distributed import session
 from crm_d2.io import read_image, write_json
-from crm_d2.panoptic.instances_eval import (encode_mask, entity_gt_from_panoptic, evaluate_masks, format_ap_table,
-                                            rle_bytes)
+from crm_d2.panoptic.instances_eval import (compressed_rle, encode_mask, entity_gt_from_panoptic, evaluate_masks,
+                                            format_ap_table, rle_bytes)
 from crm_d2.panoptic.per_category import combine, format_changes
 from crm_d2.panoptic.refine import refine_instances
 from crm_d2.report import ap_comparison, check_report_dir, instances_report, report_source
@@ -100,19 +100,6 @@ def group_results(results, gt, pred_path):
                                                          f"{pred_path}: result {k} (image_id {r['image_id']})"))
         by_image.setdefault(r["image_id"], []).append(k)
     return by_image, images
-
-
-def compressed_rle(seg, height, width, where):
-    """A result's segmentation (compressed or uncompressed RLE, or polygons) as a JSON-ready compressed RLE."""
-    if isinstance(seg, list):
-        seg = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
-        seg = mask_utils.frPyObjects(seg, height, width)  # keeps the RLE's own size, checked below
-    if not isinstance(seg, dict) or list(seg.get("size", [])) != [height, width]:
-        raise ValueError(f"{where}: segmentation must be an RLE of size [{height}, {width}] "
-                         f"(the image), got {seg.get('size') if isinstance(seg, dict) else type(seg).__name__}")
-    counts = seg["counts"]
-    return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
 def refine_image(refiner, image, results, idx, options, non_overlapping, score_thresh, where):

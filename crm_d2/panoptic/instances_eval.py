@@ -39,6 +39,19 @@ def rle_bytes(rle):
     return rle
 
 
+def compressed_rle(seg, height, width, where):
+    """A result's segmentation (compressed or uncompressed RLE, or polygons) as a JSON-ready compressed RLE."""
+    if isinstance(seg, list):
+        seg = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
+        seg = mask_utils.frPyObjects(seg, height, width)  # keeps the RLE's own size, checked below
+    if not isinstance(seg, dict) or list(seg.get("size", [])) != [height, width]:
+        raise ValueError(f"{where}: segmentation must be an RLE of size [{height}, {width}] "
+                         f"(the image), got {seg.get('size') if isinstance(seg, dict) else type(seg).__name__}")
+    counts = seg["counts"]
+    return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
 def encode_results(image_id, masks, scores, category_ids=1):
     """COCO results entries for one image's NxHxW masks (category_ids: one id for all, or one per mask)."""
     masks = np.asarray(masks, dtype=bool)
