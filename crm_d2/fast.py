@@ -20,7 +20,10 @@ BAND_BLOCK = 32  # fast mode decodes the band in strips of this many encoder-gri
 
 @dataclass
 class FastOptions:
-    """Knobs of fast mode: later stages re-decode only a band around the previous stage's boundary.
+    """Knobs of fast mode: by default the schedule's last stage alone, re-encoding and re-decoding only a band
+    around the coarse mask's boundary (`coarse_band`, `band`, `tile`, `halo`); with `last_stage_only=False`, every
+    stage, the later ones banded around the previous stage's boundary (`band_from`, `unsettled`, `next_grid` and
+    `band_full` apply only then).
 
     band: full-resolution pixels on each side of the previous boundary (and of its unsettled pixels) that are
     decoded again; unsettled: a previous probability in (u, 1 - u) counts as undecided; tile/halo: the encoder
@@ -63,9 +66,11 @@ class FastMode:
 
     @torch.no_grad()
     def _refine_fast(self, images, masks, scales, max_side=None, min_side=None):
-        """Fast mode: low scales decode only the points the next scale reads; from `band_from` on, only tiles
-        that touch a band around the previous stage's boundary (or the coarse mask's, for a first stage) are
-        encoded and decoded, the rest is the previous stage upsampled."""
+        """Fast mode: by default the last stage alone, with only the tiles that touch a band around the coarse
+        mask's boundary encoded and decoded (the rest keeps the coarse mask). With `last_stage_only=False`: low
+        scales decode only the points the next scale reads; from `band_from` on, only tiles that touch a band
+        around the previous stage's boundary (or the coarse mask's, for a first stage) are encoded and decoded,
+        the rest is the previous stage upsampled."""
         opt = self.fast
         im, seg = self._padded_inputs(images, masks)
         B, (Hp, Wp) = len(masks), seg.shape[-2:]

@@ -20,8 +20,8 @@ def add_model_arguments(parser, weights_default="demo"):
     parser.add_argument("--memory-budget-mb", type=int, default=512,
                         help="decoder memory per step; the encoder runs in row tiles above 4x this")
     parser.add_argument("--fast", action="store_true",
-                        help="fast mode: re-decode only a band around each scale's boundary (not bit-exact; "
-                             "docs/benchmark.md)")
+                        help="fast mode: refine only a band around each coarse mask's boundary, at the last "
+                             "scale (not bit-exact; docs/benchmark.md)")
     parser.add_argument("--edge-snap", default=None, metavar="R:P:EPS[:MIN_SHIFT]", type=edge_snap_argument,
                         help="guided filter of the refined probability with the photo: "
                              "RADIUS[:PASSES[:EPS[:MIN_SHIFT]]] or 'off' (default: the model's own; "

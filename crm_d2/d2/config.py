@@ -79,7 +79,7 @@ def add_crm_config(cfg):
     # Refinement may change pixels only this close to a segment's coarse boundary, as a fraction of the image's
     # long side (0 = no limit).
     cfg.MODEL.CRM.BAND = float(core.band or 0.0)
-    # Fast mode: re-decode only a band around each scale's boundary (not bit-exact; docs/benchmark.md).
+    # Fast mode: refine only a band around each coarse boundary, at the last scale (not bit-exact; docs/benchmark.md).
     cfg.MODEL.CRM.FAST = False
     # A segment or instance that refinement leaves without a pixel keeps its base mask (False) or is dropped.
     cfg.MODEL.CRM.DROP_EMPTY = bool(core.drop_empty)

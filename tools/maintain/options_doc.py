@@ -77,7 +77,8 @@ TOPICS = [
             "`512` on soft high-resolution photos (upscaled, compressed, out of focus): better and faster with "
             "the demo model (docs/demo_model.md, 2K)."),
     ]),
-    ("Fast mode", "Later stages re-decode only a band around the previous boundary. Not bit-exact.", [
+    ("Fast mode", "The last stage alone, re-decoding only a band around the coarse boundary (with "
+     "`last_stage_only=False`: every stage, the later ones banded around the previous boundary). Not bit-exact.", [
         row("Refiner.mode", "--fast", "FAST",
             "2K and larger photos when seconds matter; mBA and speed against exact mode in docs/benchmark.md."),
         row("Refiner.fast", when="To pass `FastOptions` (below)."),
