@@ -58,8 +58,13 @@ def pytest_sessionstart(session):
 def _header_lines(config):
     from importlib import metadata
 
+    import re
+
+    # what setup.py declares (install_requires and the test extra), as the installed crm_d2 says it
+    declared = [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in metadata.requires("crm_d2") or []
+                if "extra" not in r or 'extra == "test"' in r]
     found = [f"python {sys.version.split()[0]}"]
-    for dist in ("torch", "numpy", "opencv-python-headless", "pycocotools", "pytest"):
+    for dist in declared:
         try:
             found.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
