@@ -24,6 +24,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
 TRUNK_BYTES_PER_PX_PER_WIDTH = 5  # peak inference activations of the trunk per input pixel, per unit of width
 _EPS_SHIFT = 1e-6
+# The fusion conv's row slabs (`encode_projected`) hold about 3x this many bytes. Kept small so that each of
+# their tensors stays under glibc's mmap threshold (at most 32 MB): freed slabs are then reused by the next one
+# instead of being unmapped and page-faulted in again, which cost 10 % of the encoder at 2K (docs/benchmark.md).
+FUSION_SLAB_BYTES = 64 << 20
 MASK_GAIN_INIT = 3.0  # a fresh skip passes the mask through as p = sigmoid(+-3) = 0.95 / 0.05
 
 
@@ -124,11 +128,10 @@ class Bottleneck(nn.Module):
     def folded(self, x):
         """`_inference` with every BN folded into the convolution before it (`conv_bn`): one pass over each
         activation fewer, the same result to float rounding. The refiner's encoder path."""
-        out = conv_bn(self.conv1, self.bn1, x).relu_()
-        out = conv_bn(self.conv2, self.bn2, out).relu_()
-        out = conv_bn(self.conv3, self.bn3, out)
-        out += x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
-        return out.relu_()
+        out = conv_bn(self.conv1, self.bn1, x, relu=True)
+        out = conv_bn(self.conv2, self.bn2, out, relu=True)
+        identity = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
+        return conv_bn(self.conv3, self.bn3, out, add=identity).relu_()
 
 
 def bn_(bn, x):
@@ -138,14 +141,28 @@ def bn_(bn, x):
     return x.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
 
 
-def conv_bn(conv, bn, x):
-    """conv(x) followed by eval-mode BatchNorm, as one convolution whose weights and bias carry the BN (inference).
+def conv_bn(conv, bn, x, relu=False, add=None):
+    """conv(x) followed by eval-mode BatchNorm, as one convolution whose weights and bias carry the BN
+    (inference); then `+ add` and a ReLU where asked, in the same pass where the backend can.
 
     Folding saves a read and a write of the convolution's output, which at full resolution is most of what the
-    BN costs. The folded weights are cached on the conv and made again whenever a parameter or running
-    statistic of either module changes (their tensors' version counters: `load_state_dict` and in-place edits
-    bump them), so the model itself stays as trained and saved. They are kept channels_last: with channels_last
-    inputs oneDNN then runs without reordering activations between layers (docs/benchmark.md).
+    BN costs."""
+    weight, bias = folded_conv_bn(conv, bn)
+    if is_pointwise(conv) and x.is_contiguous(memory_format=torch.channels_last):
+        return pointwise_conv(x, weight, bias, relu, add)
+    out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if add is not None:
+        out += add
+    return out.relu_() if relu else out
+
+
+def folded_conv_bn(conv, bn):
+    """The weight and bias of `conv` followed by eval-mode `bn`, as one convolution.
+
+    They are cached on the conv and made again whenever a parameter or running statistic of either module
+    changes (their tensors' version counters: `load_state_dict` and in-place edits bump them), so the model
+    itself stays as trained and saved. They are kept channels_last: with channels_last inputs oneDNN then runs
+    without reordering activations between layers (docs/benchmark.md).
     """
     tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
@@ -155,9 +172,7 @@ def conv_bn(conv, bn, x):
         weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
         cached = (key, weight, bn.bias - bn.running_mean * scale)
         conv.__dict__["_folded"] = cached
-    if is_pointwise(conv) and x.is_contiguous(memory_format=torch.channels_last):
-        return pointwise_conv(x, cached[1], cached[2])
-    return F.conv2d(x, cached[1], cached[2], conv.stride, conv.padding, conv.dilation, conv.groups)
+    return cached[1], cached[2]
 
 
 def is_pointwise(conv):
@@ -165,14 +180,57 @@ def is_pointwise(conv):
     return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), 0)
 
 
-def pointwise_conv(x, weight, bias):
-    """A 1x1, stride-1 convolution of a channels_last tensor as one matrix product on its NHWC memory.
+def pointwise_conv(x, weight, bias, relu=False, add=None):
+    """A 1x1, stride-1 convolution of a channels_last tensor as one matrix product on its NHWC memory, with
+    `+ add` (a tensor of the output's shape) or a ReLU fused in where oneDNN can (`fused_linear`).
 
     On the CPU torch sends 1x1 convolutions to its generic path, which copies a channels_last input to NCHW and
     back (about a quarter of the encoder's time at 2K); in NHWC memory the convolution is already one
     (pixels x channels) @ (channels x out) product. The result is a channels_last NCHW view, no copy."""
-    y = F.linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], -1), bias)
+    other = None if add is None else add.permute(0, 2, 3, 1)
+    y = fused_linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], -1), bias, relu, other)
     return y.permute(0, 3, 1, 2)
+
+
+_ONEDNN_LINEAR = []  # [bool] once probed: whether torch's oneDNN linear with fused epilogues is usable here
+
+
+def fused_linear(x, weight, bias, relu=False, add=None):
+    """F.linear(x, weight, bias) (+ add) (ReLU), inference only; x: ... x K, add: the output's shape.
+
+    On the CPU torch's F.linear first copies the bias into every output row and then accumulates the product on
+    it, and the ReLU or the residual add is one more pass over the output: at 2K these passes took longer than
+    the encoder's 1x1 products themselves. oneDNN's linear (the operator torch's own compiler uses) does all of
+    it in the product's epilogue. It is an internal operator, so it is probed once against F.linear and the
+    plain ops are used wherever it is missing, differs or does not apply (CUDA, autocast, other dtypes).
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and _onednn_linear():
+        ops = torch.ops.mkldnn._linear_pointwise
+        if add is None:
+            return ops(x, weight, bias, "relu" if relu else "none", [], "")
+        y = ops.binary(x, add, weight, bias, "add")
+        return y.relu_() if relu else y
+    y = F.linear(x, weight, bias)
+    if add is not None:
+        y += add
+    return y.relu_() if relu else y
+
+
+def _onednn_linear():
+    if not _ONEDNN_LINEAR:
+        ok = False
+        try:
+            if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+                g = torch.Generator().manual_seed(0)
+                x, w, b, a = (torch.randn(*s, generator=g) for s in ((2, 5, 8), (3, 8), (3,), (2, 5, 3)))
+                ops = torch.ops.mkldnn._linear_pointwise
+                with torch.no_grad():
+                    ok = (torch.allclose(ops(x, w, b, "relu", [], ""), F.linear(x, w, b).relu(), atol=1e-5)
+                          and torch.allclose(ops.binary(x, a, w, b, "add"), F.linear(x, w, b) + a, atol=1e-5))
+        except (RuntimeError, AttributeError):
+            ok = False
+        _ONEDNN_LINEAR.append(ok)
+    return _ONEDNN_LINEAR[0]
 
 
 def run_folded(layer, x):
@@ -260,11 +318,14 @@ class Neck(nn.Module):
     def folded_branch(self, x, conv, bn):
         """`branch` in inference with the conv's own BN folded (`conv_bn`); the outer BN follows a ReLU and
         stays a separate (in-place) pass."""
-        return bn_(bn, conv_bn(conv.atrous_conv, conv.bn, x).relu_()).relu_()
+        return bn_(bn, conv_bn(conv.atrous_conv, conv.bn, x, relu=True)).relu_()
 
-    def folded_fusion(self, slab):
-        """`last_conv` in inference (dropout is the identity) with its BN folded."""
-        return conv_bn(self.last_conv[0], self.last_conv[1], slab).relu_()
+    def folded_fusion_parts(self):
+        """`last_conv`'s weights with its BN folded (`folded_conv_bn`; dropout is the identity in inference),
+        split by the part of its input they read (b1, b2, b3), and its bias."""
+        weight, bias = folded_conv_bn(self.last_conv[0], self.last_conv[1])
+        w = self.aspp1_128.atrous_conv.out_channels
+        return weight[:, :w], weight[:, w : 2 * w], weight[:, 2 * w :], bias
 
     def forward(self, x1, x2, x3):
         b1 = self.branch(x1, self.aspp1_128, self.bn1_128)
@@ -400,11 +461,16 @@ class CRM(nn.Module):
         return self.aspp_(*self.feats(x))
 
     def encode_projected(self, x, budget=256 << 20, trunk_budget=None):
-        """`project(encode(x))` without ever holding the 256-channel stride-2 feature map.
+        """`project(encode(x))` without ever holding the 256-channel stride-2 feature map, and with the neck's
+        fusion conv computed in a cheaper, equal form.
 
-        At 6K that map alone is 6 GB; here the fusion conv runs over row slabs (with a one-row halo for its
-        3x3 kernel) sized from `budget` bytes, and each slab is projected to the MLP width at once. When the
-        trunk's activations would exceed `trunk_budget` bytes, the trunk runs over row tiles (`branches`).
+        At 6K that map alone is 6 GB; here the fusion conv runs over row slabs sized from `budget` bytes, and
+        each slab is projected to the MLP width at once. When the trunk's activations would exceed
+        `trunk_budget` bytes, the trunk runs over row tiles (`branches`).
+
+        The fusion conv is a 3x3 conv over [b1, up(b2), up(b3)]: the stride-4 and stride-8 branches bilinearly
+        upsampled to stride 2. It is linear in each part, so it is summed part by part; the upsampled parts
+        never exist (`UpsampledConv`), which takes 60 % of the conv's multiply-adds away.
         """
         n = self.aspp_
         x = x.contiguous(memory_format=torch.channels_last)
@@ -412,15 +478,19 @@ class CRM(nn.Module):
         B, Hf, Wf = x.shape[0], (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
         out = x.new_empty(B, Hf, Wf, self.cfg.hidden)
         w = self.imnet.layers[0].weight[:, : self.cfg.feat_dim]
-        rows = max(1, budget // (B * Wf * self.cfg.feat_dim * 4 * 3))
+        w1, w2, w3, bias = n.folded_fusion_parts()
+        up2, up3 = UpsampledConv(b2, w2, (Hf, Wf)), UpsampledConv(b3, w3, (Hf, Wf))
+        rows = max(1, min(budget, FUSION_SLAB_BYTES) // (B * Wf * self.cfg.feat_dim * 4 * 3))
         for r0 in range(0, Hf, rows):
             r1 = min(Hf, r0 + rows)
             lo, hi = max(0, r0 - 1), min(Hf, r1 + 1)
-            slab = torch.cat((self._stem_branch_rows(x, lo, hi) if b1 is None else b1[:, :, lo:hi],
-                              upsample_rows(b2, (Hf, Wf), lo, hi), upsample_rows(b3, (Hf, Wf), lo, hi)), 1)
-            slab = slab.contiguous(memory_format=torch.channels_last)  # a no-op unless a part came in as NCHW
-            feat = n.folded_fusion(slab)[:, :, r0 - lo : r0 - lo + r1 - r0]
-            out[:, r0:r1] = torch.einsum("bchw,kc->bhwk", feat, w)
+            part1 = self._stem_branch_rows(x, lo, hi) if b1 is None else b1[:, :, lo:hi]
+            # Zero rows where the slab meets the map's edge: the conv's own padding, so its output is rows r0..r1.
+            part1 = F.pad(part1, (0, 0, lo - (r0 - 1), (r1 + 1) - hi))
+            pre = F.conv2d(part1.contiguous(memory_format=torch.channels_last), w1, bias, padding=(0, 1))
+            up2.add_rows(pre, r0)
+            up3.add_rows(pre, r0)
+            out[:, r0:r1] = torch.einsum("bchw,kc->bhwk", pre.relu_(), w)
         return out
 
     def branches(self, x, budget=None):
@@ -651,17 +721,90 @@ class QuerySample:
         return maps[:, :, y0:y1, x0:x1]
 
 
+def interpolation_rows(h, H, device=None):
+    """Which input rows (i0, i1) and weight t of i1 each of H output rows takes in
+    F.interpolate(mode="bilinear", align_corners=True) from h rows: row Y = (1 - t) x[i0] + t x[i1]."""
+    pos = torch.arange(H, device=device, dtype=torch.float32) * ((h - 1) / (H - 1) if H > 1 else 0.0)
+    i0 = pos.floor().long().clamp_(0, h - 1)
+    return i0, (i0 + 1).clamp_(max=h - 1), pos - i0.float()
+
+
 def upsample_rows(x, size, lo, hi):
     """Rows lo..hi of F.interpolate(x, size, mode="bilinear", align_corners=True), without the other rows."""
-    h, H = x.shape[-2], size[0]
-    pos = torch.arange(lo, hi, device=x.device, dtype=torch.float32) * ((h - 1) / (H - 1) if H > 1 else 0.0)
-    i0 = pos.floor().long().clamp_(0, h - 1)
-    i1 = (i0 + 1).clamp_(max=h - 1)
-    t = (pos - i0.float()).view(1, 1, -1, 1)
+    i0, i1, t = (v[lo:hi] for v in interpolation_rows(x.shape[-2], size[0], x.device))
+    t = t.view(1, 1, -1, 1)
     rows = x[:, :, i0] * (1 - t) + x[:, :, i1] * t
     if x.is_contiguous(memory_format=torch.channels_last):  # keep the layout: the fusion conv's slab is channels_last
         rows = rows.contiguous(memory_format=torch.channels_last)
     return F.interpolate(rows, size=(hi - lo, size[1]), mode="bilinear", align_corners=True)
+
+
+Y_MATMUL_ROWS = 8  # output rows per product in `UpsampledConv.add_rows`: the band of input rows stays narrow
+
+
+class UpsampledConv:
+    """conv3x3(up(low), weight, padding=1) added to row slabs of an output, where up = F.interpolate(size,
+    bilinear, align_corners=True) from a map 2x or 4x smaller; low: B x c x h x w channels_last.
+
+    Equal in exact arithmetic, with 2-4x fewer multiply-adds (docs/benchmark.md, issue 32). Bilinear upsampling
+    is separable, up = Uy (Ux low), and the conv is linear, so
+        conv(up(low))[Y] = sum over dy of  sum_i Uy[Y + dy, i] * T_dy[i],   T_dy = conv1x3(Ux low; weight row dy),
+    with Uy[Y + dy] = 0 where Y + dy falls outside (the conv's zero padding). The 1x3 convs run on the low map's
+    rows (h instead of H rows), each row once however the output is sliced: the rows a slab shares with the
+    next are kept. The sum over i is a small matrix product per few output rows, in place.
+    """
+
+    def __init__(self, low, weight, size):
+        self.low, self.size = low, size
+        self.rows = [weight[:, :, k : k + 1].contiguous(memory_format=torch.channels_last) for k in range(3)]
+        self.i0, self.i1, self.t = interpolation_rows(low.shape[-2], size[0], low.device)
+        self.first, self.last = self.i0.tolist(), self.i1.tolist()
+        self.kept = None  # (first low row, [T_dy as B x rows x W*C for dy = -1, 0, 1])
+
+    def bands(self, ilo, ihi):
+        """T_dy for low rows ilo..ihi, as B x (ihi - ilo) x (W * C) matrices."""
+        start, kept = self.kept if self.kept is not None else (ilo, None)
+        done = start + (kept[0].shape[1] if kept is not None else 0)
+        new = max(ilo, done if start <= ilo else ilo)
+        parts = []
+        if new < ihi:
+            W = self.size[1]
+            across = F.interpolate(self.low[:, :, new:ihi], size=(ihi - new, W), mode="bilinear", align_corners=True)
+            across = across.contiguous(memory_format=torch.channels_last)
+            for w in self.rows:
+                T = F.conv2d(across, w, padding=(0, 1))
+                parts.append(T.permute(0, 2, 3, 1).reshape(T.shape[0], ihi - new, -1))
+        if kept is not None and start <= ilo < done:
+            old = [k[:, ilo - start : new - start] for k in kept]
+            bands = [torch.cat((o, p), 1) for o, p in zip(old, parts)] if parts else old
+        else:
+            bands = parts
+        self.kept = (ilo, bands)
+        return bands
+
+    def add_rows(self, out, r0):
+        """out += rows r0 .. r0 + n of the conv; out: B x C x n x W channels_last."""
+        B, C, n, W = out.shape
+        H = self.size[0]
+        ilo, ihi = self.first[max(0, r0 - 1)], self.last[min(H, r0 + n + 1) - 1] + 1
+        acc = out.permute(0, 2, 3, 1).reshape(B, n, W * C)  # a view: out is channels_last
+        if acc.data_ptr() != out.data_ptr():
+            raise ValueError("UpsampledConv.add_rows needs a channels_last output")
+        dev = out.device
+        for band, dy in zip(self.bands(ilo, ihi), (-1, 0, 1)):
+            rows = torch.arange(r0 + dy, r0 + n + dy, device=dev)
+            inside = ((rows >= 0) & (rows < H)).to(out.dtype)
+            rows = rows.clamp_(0, H - 1)
+            a0, a1, at = self.i0[rows] - ilo, self.i1[rows] - ilo, self.t[rows].to(out.dtype)
+            mix = out.new_zeros(n, ihi - ilo)  # the rows of Uy that this slab reads, shifted by dy
+            mix.index_put_((torch.arange(n, device=dev), a0), (1 - at) * inside, accumulate=True)
+            mix.index_put_((torch.arange(n, device=dev), a1), at * inside, accumulate=True)
+            first, last = a0.tolist(), a1.tolist()
+            for s0 in range(0, n, Y_MATMUL_ROWS):
+                s1 = min(n, s0 + Y_MATMUL_ROWS)
+                c0, c1 = first[s0], last[s1 - 1] + 1
+                acc[:, s0:s1].baddbmm_(mix[None, s0:s1, c0:c1].expand(B, -1, -1).to(band.dtype), band[:, c0:c1])
+        return out
 
 
 def normalize_image(image):
