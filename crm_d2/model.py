@@ -125,13 +125,21 @@ class Bottleneck(nn.Module):
         out += x if self.downsample is None else bn_(self.downsample[1], self.downsample[0](x))
         return out.relu_()
 
-    def folded(self, x):
+    def folded(self, x, consume_input=False):
         """`_inference` with every BN folded into the convolution before it (`conv_bn`): one pass over each
-        activation fewer, the same result to float rounding. The refiner's encoder path."""
+        activation fewer, the same result to float rounding. The refiner's encoder path.
+
+        The shortcut's buffer becomes the output: conv3's product is accumulated onto it in place, so the block
+        allocates no output of its own. Fresh memory costs page faults on the CPU (a fifth of the encoder's time
+        at 2K before this); with `consume_input` the block's input is that buffer (`run_folded`: a block's input
+        is the previous block's output, read by nothing else)."""
         out = conv_bn(self.conv1, self.bn1, x, relu=True)
         out = conv_bn(self.conv2, self.bn2, out, relu=True)
-        identity = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
-        return conv_bn(self.conv3, self.bn3, out, add=identity).relu_()
+        if self.downsample is not None:
+            identity = conv_bn(self.downsample[0], self.downsample[1], x)
+        else:
+            identity = x if consume_input else x.clone(memory_format=torch.channels_last)
+        return conv_bn_into(self.conv3, self.bn3, out, identity).relu_()
 
 
 def bn_(bn, x):
@@ -141,19 +149,29 @@ def bn_(bn, x):
     return x.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
 
 
-def conv_bn(conv, bn, x, relu=False, add=None):
+def conv_bn(conv, bn, x, relu=False):
     """conv(x) followed by eval-mode BatchNorm, as one convolution whose weights and bias carry the BN
-    (inference); then `+ add` and a ReLU where asked, in the same pass where the backend can.
+    (inference); then a ReLU where asked, in the same pass where the backend can.
 
     Folding saves a read and a write of the convolution's output, which at full resolution is most of what the
     BN costs."""
     weight, bias = folded_conv_bn(conv, bn)
     if is_pointwise(conv) and x.is_contiguous(memory_format=torch.channels_last):
-        return pointwise_conv(x, weight, bias, relu, add)
+        return pointwise_conv(x, weight, bias, relu)
     out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if add is not None:
-        out += add
     return out.relu_() if relu else out
+
+
+def conv_bn_into(conv, bn, x, into):
+    """into += conv_bn(conv, bn, x), in place (inference). For a 1x1 conv on channels_last tensors this is one
+    GEMM that accumulates on `into`'s memory (beta = 1): no output is allocated."""
+    weight, bias = folded_conv_bn(conv, bn)
+    cl = torch.channels_last
+    if is_pointwise(conv) and x.is_contiguous(memory_format=cl) and into.is_contiguous(memory_format=cl):
+        flat = into.permute(0, 2, 3, 1).reshape(-1, into.shape[1])  # views: both are channels_last
+        flat.addmm_(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), weight.reshape(weight.shape[0], -1).t())
+        return into.add_(bias.view(1, -1, 1, 1))
+    return into.add_(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
 
 
 def folded_conv_bn(conv, bn):
@@ -180,39 +198,32 @@ def is_pointwise(conv):
     return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), 0)
 
 
-def pointwise_conv(x, weight, bias, relu=False, add=None):
-    """A 1x1, stride-1 convolution of a channels_last tensor as one matrix product on its NHWC memory, with
-    `+ add` (a tensor of the output's shape) or a ReLU fused in where oneDNN can (`fused_linear`).
+def pointwise_conv(x, weight, bias, relu=False):
+    """A 1x1, stride-1 convolution of a channels_last tensor as one matrix product on its NHWC memory, with the
+    bias and a ReLU in the product's epilogue where oneDNN can (`fused_linear`).
 
     On the CPU torch sends 1x1 convolutions to its generic path, which copies a channels_last input to NCHW and
     back (about a quarter of the encoder's time at 2K); in NHWC memory the convolution is already one
     (pixels x channels) @ (channels x out) product. The result is a channels_last NCHW view, no copy."""
-    other = None if add is None else add.permute(0, 2, 3, 1)
-    y = fused_linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], -1), bias, relu, other)
+    y = fused_linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], -1), bias, relu)
     return y.permute(0, 3, 1, 2)
 
 
-_ONEDNN_LINEAR = []  # [bool] once probed: whether torch's oneDNN linear with fused epilogues is usable here
+_ONEDNN_LINEAR = []  # [bool] once probed: whether torch's oneDNN linear with a fused epilogue is usable here
 
 
-def fused_linear(x, weight, bias, relu=False, add=None):
-    """F.linear(x, weight, bias) (+ add) (ReLU), inference only; x: ... x K, add: the output's shape.
+def fused_linear(x, weight, bias, relu=False):
+    """F.linear(x, weight, bias), then a ReLU where asked; inference only.
 
     On the CPU torch's F.linear first copies the bias into every output row and then accumulates the product on
-    it, and the ReLU or the residual add is one more pass over the output: at 2K these passes took longer than
-    the encoder's 1x1 products themselves. oneDNN's linear (the operator torch's own compiler uses) does all of
-    it in the product's epilogue. It is an internal operator, so it is probed once against F.linear and the
-    plain ops are used wherever it is missing, differs or does not apply (CUDA, autocast, other dtypes).
+    it, and the ReLU is one more pass over the output: at 2K these passes cost about as much as the encoder's
+    1x1 products themselves. oneDNN's linear (the operator torch's own compiler uses) does both in the
+    product's epilogue. It is an internal operator, so it is probed once against F.linear, and the plain ops
+    are used wherever it is missing, differs or does not apply (CUDA, autocast, other dtypes, autograd).
     """
     if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and _onednn_linear():
-        ops = torch.ops.mkldnn._linear_pointwise
-        if add is None:
-            return ops(x, weight, bias, "relu" if relu else "none", [], "")
-        y = ops.binary(x, add, weight, bias, "add")
-        return y.relu_() if relu else y
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
     y = F.linear(x, weight, bias)
-    if add is not None:
-        y += add
     return y.relu_() if relu else y
 
 
@@ -222,11 +233,10 @@ def _onednn_linear():
         try:
             if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
                 g = torch.Generator().manual_seed(0)
-                x, w, b, a = (torch.randn(*s, generator=g) for s in ((2, 5, 8), (3, 8), (3,), (2, 5, 3)))
-                ops = torch.ops.mkldnn._linear_pointwise
+                x, w, b = (torch.randn(*s, generator=g) for s in ((2, 5, 8), (3, 8), (3,)))
                 with torch.no_grad():
-                    ok = (torch.allclose(ops(x, w, b, "relu", [], ""), F.linear(x, w, b).relu(), atol=1e-5)
-                          and torch.allclose(ops.binary(x, a, w, b, "add"), F.linear(x, w, b) + a, atol=1e-5))
+                    got = torch.ops.mkldnn._linear_pointwise(x, w, b, "relu", [], "")
+                    ok = torch.allclose(got, F.linear(x, w, b).relu(), atol=1e-5)
         except (RuntimeError, AttributeError):
             ok = False
         _ONEDNN_LINEAR.append(ok)
@@ -235,8 +245,8 @@ def _onednn_linear():
 
 def run_folded(layer, x):
     """A Sequential of Bottlenecks with their BNs folded (`Bottleneck.folded`)."""
-    for block in layer:
-        x = block.folded(x)
+    for k, block in enumerate(layer):
+        x = block.folded(x, consume_input=k > 0)
     return x
 
 

@@ -178,3 +178,42 @@ def test_folded_batchnorm_equals_conv_then_bn_and_follows_weight_changes(tiny_mo
         inp = torch.randn(1, 4, 64, 48)
         ref = model.project(model.encode(inp))
         torch.testing.assert_close(model.encode_projected(inp), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("low_hw,size", [((13, 11), (25, 21)), ((7, 9), (25, 33)), ((6, 5), (23, 20)), ((1, 4), (3, 13))])
+def test_conv_of_upsampled_map_without_upsampling_equals_the_direct_conv(low_hw, size):
+    """The fusion conv's cheap form (`UpsampledConv`): 1x3 convs on the small map's rows and a row-interpolation
+    product must equal conv3x3(F.interpolate(low)) with zero padding, whatever the ratio, the edges and the way
+    the output is sliced into slabs (in order, out of order, one row at a time)."""
+    from crm_d2.model import UpsampledConv
+
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(2, 5, *low_hw, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, 5, 3, 3, generator=g)
+    want = F.conv2d(F.interpolate(low, size=size, mode="bilinear", align_corners=True), weight, padding=1)
+    H = size[0]
+    whole, first_rows, one_by_one = [(0, H)], [(0, 1), (1, 2), (2, H)], [(r, r + 1) for r in range(H)]
+    backwards = [(H // 2, H), (0, H // 2)]
+    for slabs in (whole, first_rows, one_by_one, backwards):
+        up = UpsampledConv(low, weight, size)
+        got = torch.empty_like(want)
+        for a, b in slabs:
+            rows = torch.zeros(2, 6, b - a, size[1]).contiguous(memory_format=torch.channels_last)
+            got[:, :, a:b] = up.add_rows(rows, a)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_blocks_reuse_their_buffers_and_leave_a_kept_input_alone(tiny_model):
+    """`Bottleneck.folded` writes its output into the shortcut's buffer: with consume_input that is the input
+    itself (what `run_folded` does for every block after the first); without it the input must be unchanged."""
+    model = tiny_model.cpu().eval()
+    block = model.feats.layer3[1]  # no downsample: the shortcut is the input
+    x = torch.randn(1, block.conv1.in_channels, 12, 10).relu().contiguous(memory_format=torch.channels_last)
+    kept = x.clone()
+    with torch.no_grad():
+        want = block._inference(x.contiguous())
+        torch.testing.assert_close(block.folded(x), want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(x, kept)
+        out = block.folded(x, consume_input=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert out.data_ptr() == x.data_ptr()
