@@ -769,28 +769,24 @@ class UpsampledConv:
         self.rows = [weight[:, :, k : k + 1].contiguous(memory_format=torch.channels_last) for k in range(3)]
         self.i0, self.i1, self.t = interpolation_rows(low.shape[-2], size[0], low.device)
         self.first, self.last = self.i0.tolist(), self.i1.tolist()
-        self.kept = None  # (first low row, [T_dy as B x rows x W*C for dy = -1, 0, 1])
+        self.kept = []  # pieces of T_dy that the next slab may share (`bands`)
 
     def bands(self, ilo, ihi):
-        """T_dy for low rows ilo..ihi, as B x (ihi - ilo) x (W * C) matrices."""
-        start, kept = self.kept if self.kept is not None else (ilo, None)
-        done = start + (kept[0].shape[1] if kept is not None else 0)
-        new = max(ilo, done if start <= ilo else ilo)
-        parts = []
-        if new < ihi:
+        """T_dy for the low rows ilo..ihi, as pieces (first row, [T_dy as B x rows x (W * C) for dy = -1, 0, 1])
+        that cover them in order: the rows kept from the last call, then the rows computed now."""
+        pieces = [(p0, [t[:, max(0, ilo - p0) :] for t in T]) for p0, T in self.kept if p0 + T[0].shape[1] > ilo]
+        pieces = [(max(p0, ilo), T) for p0, T in pieces]
+        if pieces and pieces[0][0] > ilo:  # the slabs went backwards: nothing kept is of use
+            pieces = []
+        done = pieces[-1][0] + pieces[-1][1][0].shape[1] if pieces else ilo
+        if done < ihi:
             W = self.size[1]
-            across = F.interpolate(self.low[:, :, new:ihi], size=(ihi - new, W), mode="bilinear", align_corners=True)
-            across = across.contiguous(memory_format=torch.channels_last)
-            for w in self.rows:
-                T = F.conv2d(across, w, padding=(0, 1))
-                parts.append(T.permute(0, 2, 3, 1).reshape(T.shape[0], ihi - new, -1))
-        if kept is not None and start <= ilo < done:
-            old = [k[:, ilo - start : new - start] for k in kept]
-            bands = [torch.cat((o, p), 1) for o, p in zip(old, parts)] if parts else old
-        else:
-            bands = parts
-        self.kept = (ilo, bands)
-        return bands
+            across = F.interpolate(self.low[:, :, done:ihi], size=(ihi - done, W), mode="bilinear",
+                                   align_corners=True).contiguous(memory_format=torch.channels_last)
+            T = [F.conv2d(across, w, padding=(0, 1)) for w in self.rows]
+            pieces.append((done, [t.permute(0, 2, 3, 1).reshape(t.shape[0], ihi - done, -1) for t in T]))
+        self.kept = pieces
+        return pieces
 
     def add_rows(self, out, r0):
         """out += rows r0 .. r0 + n of the conv; out: B x C x n x W channels_last."""
@@ -801,7 +797,8 @@ class UpsampledConv:
         if acc.data_ptr() != out.data_ptr():
             raise ValueError("UpsampledConv.add_rows needs a channels_last output")
         dev = out.device
-        for band, dy in zip(self.bands(ilo, ihi), (-1, 0, 1)):
+        pieces = self.bands(ilo, ihi)
+        for k, dy in enumerate((-1, 0, 1)):
             rows = torch.arange(r0 + dy, r0 + n + dy, device=dev)
             inside = ((rows >= 0) & (rows < H)).to(out.dtype)
             rows = rows.clamp_(0, H - 1)
@@ -812,8 +809,11 @@ class UpsampledConv:
             first, last = a0.tolist(), a1.tolist()
             for s0 in range(0, n, Y_MATMUL_ROWS):
                 s1 = min(n, s0 + Y_MATMUL_ROWS)
-                c0, c1 = first[s0], last[s1 - 1] + 1
-                acc[:, s0:s1].baddbmm_(mix[None, s0:s1, c0:c1].expand(B, -1, -1).to(band.dtype), band[:, c0:c1])
+                for p0, T in pieces:  # the columns of mix that this piece's rows stand for
+                    c0, c1 = max(first[s0], p0 - ilo), min(last[s1 - 1] + 1, p0 - ilo + T[k].shape[1])
+                    if c0 < c1:
+                        m = mix[None, s0:s1, c0:c1].expand(B, -1, -1).to(T[k].dtype)
+                        acc[:, s0:s1].baddbmm_(m, T[k][:, c0 - (p0 - ilo) : c1 - (p0 - ilo)])
         return out
 
 
