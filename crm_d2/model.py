@@ -169,7 +169,8 @@ def conv_bn_into(conv, bn, x, into):
     cl = torch.channels_last
     if is_pointwise(conv) and x.is_contiguous(memory_format=cl) and into.is_contiguous(memory_format=cl):
         flat = into.permute(0, 2, 3, 1).reshape(-1, into.shape[1])  # views: both are channels_last
-        flat.addmm_(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), weight.reshape(weight.shape[0], -1).t())
+        weight = weight.reshape(weight.shape[0], -1).t().to(into.dtype)  # in-place ops do not autocast
+        flat.addmm_(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).to(into.dtype), weight)
         return into.add_(bias.view(1, -1, 1, 1))
     return into.add_(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
 
