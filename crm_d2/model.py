@@ -28,6 +28,9 @@ _EPS_SHIFT = 1e-6
 # their tensors stays under glibc's mmap threshold (at most 32 MB): freed slabs are then reused by the next one
 # instead of being unmapped and page-faulted in again, which cost 10 % of the encoder at 2K (docs/benchmark.md).
 FUSION_SLAB_BYTES = 64 << 20
+# CPU inference (`CRM._ensemble_cpu`): activations per MLP layer call, 18432 rows of 32 floats. Measured on a Zen 4
+# core: 1 MB is slower (oneDNN's ~18 us per call weighs more) and 4 MB much slower (fresh pages each call).
+CPU_BLOCK_BYTES = 2304 << 10
 MASK_GAIN_INIT = 3.0  # a fresh skip passes the mask through as p = sigmoid(+-3) = 0.95 / 0.05
 
 
@@ -210,40 +213,6 @@ def pointwise_conv(x, weight, bias, relu=False):
     return y.permute(0, 3, 1, 2)
 
 
-_ONEDNN_LINEAR = []  # [bool] once probed: whether torch's oneDNN linear with a fused epilogue is usable here
-
-
-def fused_linear(x, weight, bias, relu=False):
-    """F.linear(x, weight, bias), then a ReLU where asked; inference only.
-
-    On the CPU torch's F.linear first copies the bias into every output row and then accumulates the product on
-    it, and the ReLU is one more pass over the output: at 2K these passes cost about as much as the encoder's
-    1x1 products themselves. oneDNN's linear (the operator torch's own compiler uses) does both in the
-    product's epilogue. It is an internal operator, so it is probed once against F.linear, and the plain ops
-    are used wherever it is missing, differs or does not apply (CUDA, autocast, other dtypes, autograd).
-    """
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and _onednn_linear():
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
-    y = F.linear(x, weight, bias)
-    return y.relu_() if relu else y
-
-
-def _onednn_linear():
-    if not _ONEDNN_LINEAR:
-        ok = False
-        try:
-            if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-                g = torch.Generator().manual_seed(0)
-                x, w, b = (torch.randn(*s, generator=g) for s in ((2, 5, 8), (3, 8), (3,)))
-                with torch.no_grad():
-                    got = torch.ops.mkldnn._linear_pointwise(x, w, b, "relu", [], "")
-                    ok = torch.allclose(got, F.linear(x, w, b).relu(), atol=1e-5)
-        except (RuntimeError, AttributeError):
-            ok = False
-        _ONEDNN_LINEAR.append(ok)
-    return _ONEDNN_LINEAR[0]
-
-
 def run_folded(layer, x):
     """A Sequential of Bottlenecks with their BNs folded (`Bottleneck.folded`)."""
     for k, block in enumerate(layer):
@@ -408,6 +377,55 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.layers(x)
+
+
+# ----------------------------------------------------------------------------------------------- CPU layers
+_fused_linear = {}  # "ok": whether oneDNN's fused linear + bias + ReLU runs here and agrees, checked once
+
+
+def fused_linear(x, weight, bias, relu=False):
+    """F.linear(x, weight, bias), then a ReLU where asked; for inference.
+
+    For float32 on the CPU this goes through oneDNN's linear with the bias and the ReLU in the product's
+    epilogue (`torch.ops.mkldnn._linear_pointwise`, the op that torch.compile emits on CPU), when it exists and
+    agreed with F.linear on a first small call (`fused_linear_ok`); otherwise, under autograd, or when oneDNN is
+    switched off (`torch.backends.mkldnn.enabled`), F.linear then an in-place ReLU. aten's addmm copies the bias
+    into its output before the product: for the decoder's 32x32 layers that pass and the ReLU's are a fifth of
+    the time, and for the encoder's 1x1 convolutions they cost about as much as the products themselves."""
+    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.enabled and fused_linear_ok()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+    y = F.linear(x, weight, bias)
+    return y.relu_() if relu else y
+
+
+def linear_relu(x, layer):
+    """relu(layer(x)) for inference (`fused_linear`)."""
+    return fused_linear(x, layer.weight, layer.bias, relu=True)
+
+
+def fused_linear_ok():
+    """Whether `fused_linear` may use oneDNN's fused op (an internal op: checked once per process)."""
+    if "ok" not in _fused_linear:
+        ok = False
+        try:
+            if torch.backends.mkldnn.is_available():
+                with torch.no_grad():
+                    x = torch.linspace(-2, 2, 7 * 5).view(7, 5)
+                    w, b = torch.linspace(1, -1, 3 * 5).view(3, 5), torch.tensor([0.1, -0.2, 0.3])
+                    got = torch.ops.mkldnn._linear_pointwise(x, w, b, "relu", [], "")
+                    ok = got.shape == (7, 3) and torch.allclose(got, F.linear(x, w, b).relu(), atol=1e-6)
+        except (AttributeError, RuntimeError, TypeError):  # no such op in this build, or it cannot run here
+            ok = False
+        _fused_linear["ok"] = ok
+    return _fused_linear["ok"]
+
+
+def add_relu_(x, other):
+    """x = relu(x + other) in one pass (aten's fused add-ReLU, which torch's JIT uses; add_ then relu_ without
+    it)."""
+    op = getattr(torch.ops.aten, "_add_relu_", None)
+    return op(x, other) if op is not None else x.add_(other).relu_()
 
 
 # ----------------------------------------------------------------------------------------------- coordinates
@@ -633,9 +651,17 @@ class CRM(nn.Module):
         return self._ensemble_torch(proj, rows, cols)
 
     def _ensemble_torch(self, proj, rows, cols):
-        """`_blend` of the four neighbours' logits, organised for the CPU: the feature rows of a row shift are
-        gathered once, with their row term added at the feature grid's width, and shared by both column shifts;
-        each logit is accumulated into the blend as soon as it exists. Same sums as `_blend`, other order."""
+        """`_blend` of the four neighbours' logits in torch: `_ensemble_cpu` for float32 inference on the CPU,
+        else `_ensemble_plain` (training, autograd; CUDA, whose chunks the memory budget sizes for it)."""
+        weight = self.imnet.layers[0].weight
+        if proj.device.type == "cpu" and proj.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            return self._ensemble_cpu(proj, rows, cols)
+        return self._ensemble_plain(proj, rows, cols)
+
+    def _ensemble_plain(self, proj, rows, cols):
+        """`_blend` of the four neighbours' logits: the feature rows of a row shift are gathered once, with their
+        row term added at the feature grid's width, and shared by both column shifts; each logit is accumulated
+        into the blend as soon as it exists. Same sums as `_blend`, other order."""
         (iy, row_term, area_y), (ix, col_term, area_x) = rows, cols
         out = None
         for a in (0, 1):
@@ -649,6 +675,58 @@ class CRM(nn.Module):
                 out = logit.mul_(weight) if out is None else out.addcmul_(logit, weight)
         total = (area_y[0] + area_y[1])[:, None] * (area_x[0] + area_x[1])[None] + 4e-9
         return out.div_(total)
+
+    def _ensemble_cpu(self, proj, rows, cols):
+        """`_ensemble_plain` for CPU inference with its overheads taken out: the same sums, to float rounding.
+
+        The work goes in blocks of whole query rows of one batch item. In a block the four neighbours are one
+        batch of MLP rows, so that each layer is one matrix product, over slices of about CPU_BLOCK_BYTES of
+        activations. The first layer's inputs come from a gather of the two row shifts' feature rows (their row
+        terms added at the feature grid's width) and a gather of whole hidden-d rows by flat index
+        (`index_select` of contiguous rows: advanced indexing along a middle dimension costs several times as
+        much) into a buffer that every block reuses (fresh multi-MB allocations cost page faults); the column
+        terms are added and the ReLU applied in one pass. The hidden layers run as oneDNN's linear with the bias
+        and the ReLU fused (`linear_relu`). The logits are blended once per call.
+        """
+        (iy, row_term, area_y), (ix, col_term, area_x) = rows, cols
+        B, _, Wl, K = proj.shape
+        R, C = iy.shape[1], ix.shape[1]
+        if B * R * C == 0:
+            return self._ensemble_plain(proj, rows, cols)
+        layers = self.imnet.layers
+        last = layers[len(layers) - 1]
+        col = col_term.reshape(2 * C * K)
+        block = CPU_BLOCK_BYTES // (4 * K)  # MLP rows per layer call
+        step = min(R, max(1, block // (4 * C)))  # query rows per block
+
+        def gather_index(n):  # (r, a, b, c) -> row a*n + r, column ix[b, c] of a block's n x 2 feature rows
+            first = torch.arange(2 * n, device=proj.device).view(2, n, 1, 1).transpose(0, 1) * Wl
+            return (first + ix.reshape(1, 1, 2, C)).reshape(-1)
+
+        logits = proj.new_empty(B, R, 4, C)  # (b, r, row shift, column shift, c)
+        h_all = proj.new_empty(step * 4 * C, K)
+        index = gather_index(step)
+        for r0 in range(0, R, step):
+            n = min(step, R - r0)
+            if n != step:
+                index = gather_index(n)
+            m = n * 4 * C
+            size = -(-m // -(-m // block))  # m in equal slices of at most `block` rows
+            terms = row_term[:, r0 : r0 + n].reshape(2 * n, 1, K)
+            for b in range(B):
+                by_row = proj[b].index_select(0, iy[:, r0 : r0 + n].reshape(-1)).add_(terms)  # 2n x Wl x K
+                h = torch.index_select(by_row.view(-1, K), 0, index, out=h_all[:m])
+                add_relu_(h.view(-1, 2 * C * K), col)
+                out = logits[b, r0 : r0 + n].view(-1)
+                for s in range(0, m, size):
+                    z = h[s : s + size]
+                    for i in range(2, len(layers) - 1, 2):
+                        z = linear_relu(z, layers[i])
+                    torch.mv(z, last.weight[0], out=out[s : s + size])
+        logits += last.bias
+        opposite = area_y.flip(0).t().reshape(R, 2, 1, 1) * area_x.flip(0).reshape(1, 1, 2, C) + 1e-9
+        total = (area_y[0] + area_y[1])[:, None] * (area_x[0] + area_x[1])[None] + 4e-9
+        return (logits * opposite.reshape(R, 4, C)).sum(2).div_(total)
 
     def _mlp_tail(self, h):
         layers = self.imnet.layers

@@ -22,7 +22,7 @@ from .schedule import (AUTO_BASE, DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, RoiBox, Ro
 
 __all__ = ["Refiner", "FastOptions", "EdgeSnap", "GrabCut", "Rounds"]
 
-CPU_CHUNK_QUERIES = 16384  # decoder queries per step on CPU: keeps the 32-d working set in L2
+CPU_CHUNK_QUERIES = 65536  # decoder queries per step on CPU (the decoder works through them in cache-sized blocks)
 
 
 class Refiner(FastMode):
@@ -280,8 +280,8 @@ class Refiner(FastMode):
         in [-1, 1] on the same grid (B x H x W), for models with a mask skip or a pixel head; image: the
         normalised image on that grid (1 or B x 3 x H x W), for a pixel head.
 
-        On CPU the chunks are small enough for the working set to stay in cache (the MLP is memory-bound, and
-        this is several times faster than big chunks); on GPU they are as large as the memory budget allows.
+        On CPU the decoder works through a chunk in blocks whose activations stay in cache (`CRM._ensemble_cpu`),
+        and the chunk only bounds its logits; on GPU chunks are as large as the memory budget allows.
         """
         B, H, W = prob.shape
         if self.device.type == "cpu":

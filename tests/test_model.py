@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import crm_d2.model as crm_model
 from crm_d2.model import TRUNK_BYTES_PER_PX_PER_WIDTH, CRM, CRMConfig, axis_neighbours, count_parameters, make_coord
 
 
@@ -102,6 +103,74 @@ def test_factored_decoder_matches_released_decoding(tiny_model, device):
     ours = tiny_model.decode_rows(tiny_model.project(feat), (H, W), (0, H))
     assert ref.std() > 0.1
     assert torch.allclose(ours, ref, atol=1e-4)
+
+
+def _cpu_decoder_cases(model, H, W):
+    """CPU_BLOCK_BYTES values for `_ensemble_cpu`: the default (one block), blocks of 3 query rows (the last one
+    shorter), and blocks of one row run through the MLP in 3 slices."""
+    K, row = model.cfg.hidden, 4 * W  # MLP rows per query row
+    return {"default": crm_model.CPU_BLOCK_BYTES, "3 rows": 3 * row * 4 * K, "slices": (row // 3 + 1) * 4 * K}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["onednn", "fallback"])
+@pytest.mark.parametrize("cfg", [{"preset": "small", "mask_skip": True}, {"preset": "tiny", "hidden": 16, "depth": 2}],
+                         ids=["demo-like", "tiny-h16-d2"])
+def test_cpu_decoder_equals_the_plain_reference(cfg, fused, randomize_model, monkeypatch):
+    """CPU inference decodes through `_ensemble_cpu` (blocked, oneDNN's fused linear when it is there). It must
+    give `_blend` of the MLP on the four neighbours (`decode_points` at every pixel) and the plain path's logits,
+    whatever the blocking, for an MLP of any width and depth, with and without the fused op."""
+    if fused and not crm_model.fused_linear_ok():
+        pytest.skip("oneDNN's fused linear is not available in this torch build")
+    if not fused:
+        monkeypatch.setitem(crm_model._fused_linear, "ok", False)
+    model = randomize_model(CRM(CRMConfig.from_dict(cfg)))
+    calls = []
+    real = CRM._ensemble_cpu
+    monkeypatch.setattr(CRM, "_ensemble_cpu", lambda *a: calls.append(1) or real(*a))
+    B, H, W = 2, 23, 31  # 3.3 queries per feature cell: uneven neighbour runs
+    with torch.no_grad():
+        proj = model.project(torch.randn(B, model.cfg.feat_dim, 7, 9))
+        qy, qx = make_coord(H), make_coord(W)
+        grid_y, grid_x = (t.reshape(1, -1).expand(B, -1) for t in torch.meshgrid(qy, qx, indexing="ij"))
+        blend = model.decode_points(proj, grid_y, grid_x, (2 / H, 2 / W)).view(B, H, W)
+        rows, cols = model.query_terms(proj, qy, qx, (2 / H, 2 / W))
+        plain = model._ensemble_plain(proj, rows, cols)
+        assert blend.std() > 1 and not calls
+        for name, block_bytes in _cpu_decoder_cases(model, H, W).items():
+            monkeypatch.setattr(crm_model, "CPU_BLOCK_BYTES", block_bytes)
+            got = model.decode_rows(proj, (H, W), (0, H))
+            atol = 1e-5 * float(blend.abs().max())
+            torch.testing.assert_close(got, blend, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(got, plain, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+    assert len(calls) == 3  # the CPU path ran
+    with torch.no_grad():  # a feature crop (tiled decoding): a non-contiguous proj
+        part = model.decode(proj[:, 1:6, 1:8], qy[5:17], qx[8:26], (2 / H, 2 / W), feat_grid=(7, 9), offset=(1, 1))
+    torch.testing.assert_close(part, blend[:, 5:17, 8:26], rtol=0, atol=1e-5 * float(blend.abs().max()))
+
+
+def test_fused_linear_falls_back_when_onednn_is_missing_or_fails(monkeypatch):
+    """`linear_relu` uses oneDNN's internal fused op only after a first check passed; a missing op, one that
+    raises, or oneDNN switched off gives F.linear + ReLU, with the same result."""
+    layer = torch.nn.Linear(32, 32)
+    x = torch.randn(50, 32)
+    with torch.no_grad():
+        want = F.linear(x, layer.weight, layer.bias).relu()
+
+        def broken(*args):
+            raise RuntimeError("oneDNN cannot run here")
+
+        torch.ops.mkldnn._linear_pointwise  # resolved once, so that the namespace holds it and monkeypatch restores it
+        for patch in ("raises", "unavailable"):
+            with monkeypatch.context() as m:
+                m.setattr(crm_model, "_fused_linear", {})  # not checked yet
+                if patch == "raises":
+                    m.setattr(torch.ops.mkldnn, "_linear_pointwise", broken)
+                else:
+                    m.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+                assert not crm_model.fused_linear_ok()
+                torch.testing.assert_close(crm_model.linear_relu(x, layer), want, rtol=0, atol=0)
+        if crm_model.fused_linear_ok():
+            torch.testing.assert_close(crm_model.linear_relu(x, layer), want, rtol=1e-6, atol=1e-6)
 
 
 def test_training_forward_has_gradients(device):

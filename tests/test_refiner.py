@@ -47,6 +47,23 @@ def test_small_memory_budget_changes_nothing(refiner, scene, tol):
     np.testing.assert_allclose(refiner.refine(img, coarse), a, atol=tol(1e-6, LOGIT_SCALE))
 
 
+def test_cpu_decoder_blocking_and_plain_path_agree(refiner, scene, monkeypatch, tol):
+    """On CPU, inference decodes in blocks of query rows through oneDNN (`CRM._ensemble_cpu`): blocks of one row
+    with the MLP in several slices, and the plain per-neighbour path, give the same probabilities."""
+    import crm_d2.model as crm_model
+    from crm_d2.model import CRM
+
+    img, _, coarse = scene
+    a = refiner.refine(img, coarse)
+    monkeypatch.setattr(crm_model, "CPU_BLOCK_BYTES", 100 * 4 * refiner.model.cfg.hidden)  # 100 MLP rows a call
+    b = refiner.refine(img, coarse)
+    monkeypatch.setattr(CRM, "_ensemble_cpu", CRM._ensemble_plain)
+    c = refiner.refine(img, coarse)
+    assert a.std() > 0.01
+    np.testing.assert_allclose(b, a, atol=tol(1e-6, LOGIT_SCALE))
+    np.testing.assert_allclose(c, a, atol=tol(1e-6, LOGIT_SCALE))
+
+
 def test_batch_equals_single_calls(refiner, scene, tol):
     img, gt, coarse = scene
     masks = [coarse, gt, np.roll(coarse, 7, axis=1)]
