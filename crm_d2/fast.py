@@ -41,8 +41,8 @@ class FastOptions:
     every stage. With the shipped model's `auto` schedule the stage before the last is itself a band stage around
     the same coarse boundary at half the resolution, so it can reach no further than the last stage does; it
     cost 30-40 % of fast mode's time. Without it, and with the 16-px halo (32 before: same mBA, 10-20 % faster),
-    fast mode is 4-10x exact mode at 2K-4K instead of 2.6-6.5x, with mBA at most 0.11 below exact mode's
-    (docs/benchmark.md, issue 32). False runs every stage.
+    fast mode was 4-10x exact mode at 2K-4K instead of 2.6-6.5x, and is 3.7-8.5x since exact mode itself became
+    faster, with mBA at most 0.12 below exact mode's (docs/benchmark.md, issue 32). False runs every stage.
     """
 
     band: int = 16
