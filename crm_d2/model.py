@@ -528,10 +528,7 @@ class CRM(nn.Module):
         w = self.imnet.layers[0].weight[:, : self.cfg.feat_dim]
         w1, w2, w3, bias = n.folded_fusion_parts()
         up2, up3 = UpsampledConv(b2, w2, (Hf, Wf)), UpsampledConv(b3, w3, (Hf, Wf))
-        # Small slabs are reused from the heap, but with a row-tiled trunk each slab recomputes its stride-2
-        # branch with an 8-row margin (`_stem_branch_rows`): there, the slabs stay as large as `budget` allows.
-        cap = budget if b1 is None else min(budget, FUSION_SLAB_BYTES)
-        rows = max(1, cap // (B * Wf * self.cfg.feat_dim * 4 * 3))
+        rows = max(1, min(budget, FUSION_SLAB_BYTES) // (B * Wf * self.cfg.feat_dim * 4 * 3))
         for r0 in range(0, Hf, rows):
             r1 = min(Hf, r0 + rows)
             lo, hi = max(0, r0 - 1), min(Hf, r1 + 1)
