@@ -305,7 +305,8 @@ class Neck(nn.Module):
         split by the part of its input they read (b1, b2, b3), and its bias."""
         weight, bias = folded_conv_bn(self.last_conv[0], self.last_conv[1])
         w = self.aspp1_128.atrous_conv.out_channels
-        return weight[:, :w], weight[:, w : 2 * w], weight[:, 2 * w :], bias
+        parts = (weight[:, :w], weight[:, w : 2 * w], weight[:, 2 * w :])  # slices: made contiguous once here,
+        return (*(p.contiguous(memory_format=torch.channels_last) for p in parts), bias)  # not by every slab's conv
 
     def forward(self, x1, x2, x3):
         b1 = self.branch(x1, self.aspp1_128, self.bn1_128)
@@ -528,13 +529,14 @@ class CRM(nn.Module):
         w = self.imnet.layers[0].weight[:, : self.cfg.feat_dim]
         w1, w2, w3, bias = n.folded_fusion_parts()
         up2, up3 = UpsampledConv(b2, w2, (Hf, Wf)), UpsampledConv(b3, w3, (Hf, Wf))
-        rows = max(1, min(budget, FUSION_SLAB_BYTES) // (B * Wf * self.cfg.feat_dim * 4 * 3))
+        cap = min(budget, FUSION_SLAB_BYTES) if x.device.type == "cpu" else budget  # glibc's threshold: CPU only
+        rows = max(1, cap // (B * Wf * self.cfg.feat_dim * 4 * 3))
         for r0 in range(0, Hf, rows):
             r1 = min(Hf, r0 + rows)
             lo, hi = max(0, r0 - 1), min(Hf, r1 + 1)
             part1 = self._stem_branch_rows(x, lo, hi) if b1 is None else b1[:, :, lo:hi]
-            # Zero rows where the slab meets the map's edge: the conv's own padding, so its output is rows r0..r1.
-            part1 = F.pad(part1, (0, 0, lo - (r0 - 1), (r1 + 1) - hi))
+            if lo > r0 - 1 or hi < r1 + 1:  # zero rows where the slab meets the map's edge: the conv's own padding
+                part1 = F.pad(part1, (0, 0, lo - (r0 - 1), (r1 + 1) - hi))
             pre = F.conv2d(part1.contiguous(memory_format=torch.channels_last), w1, bias, padding=(0, 1))
             up2.add_rows(pre, r0)
             up3.add_rows(pre, r0)
@@ -579,7 +581,7 @@ class CRM(nn.Module):
         return n.folded_branch(y, n.aspp1_128, n.bn1_128)[:, :, lo - c0 // 2 : hi - c0 // 2]
 
     def _stem(self, x):
-        return conv_bn(self.feats.conv1, self.feats.bn1, x).relu_()
+        return conv_bn(self.feats.conv1, self.feats.bn1, x, relu=True)
 
     def _branches(self, x, stride2=True):
         """(b1, b2, b3); b1 is None with stride2=False (row tiles: it is recomputed per fusion slab instead)."""
@@ -838,17 +840,7 @@ def interpolation_rows(h, H, device=None):
     return i0, (i0 + 1).clamp_(max=h - 1), pos - i0.float()
 
 
-def upsample_rows(x, size, lo, hi):
-    """Rows lo..hi of F.interpolate(x, size, mode="bilinear", align_corners=True), without the other rows."""
-    i0, i1, t = (v[lo:hi] for v in interpolation_rows(x.shape[-2], size[0], x.device))
-    t = t.view(1, 1, -1, 1)
-    rows = x[:, :, i0] * (1 - t) + x[:, :, i1] * t
-    if x.is_contiguous(memory_format=torch.channels_last):  # keep the layout: the fusion conv's slab is channels_last
-        rows = rows.contiguous(memory_format=torch.channels_last)
-    return F.interpolate(rows, size=(hi - lo, size[1]), mode="bilinear", align_corners=True)
-
-
-Y_MATMUL_ROWS = 8  # output rows per product in `UpsampledConv.add_rows`: the band of input rows stays narrow
+Y_MATMUL_ROWS = 8  # CPU: output rows per product in `UpsampledConv.add_rows`: the band of input rows stays narrow
 
 
 class UpsampledConv:
@@ -906,8 +898,9 @@ class UpsampledConv:
             mix.index_put_((torch.arange(n, device=dev), a0), (1 - at) * inside, accumulate=True)
             mix.index_put_((torch.arange(n, device=dev), a1), at * inside, accumulate=True)
             first, last = a0.tolist(), a1.tolist()
-            for s0 in range(0, n, Y_MATMUL_ROWS):
-                s1 = min(n, s0 + Y_MATMUL_ROWS)
+            step = Y_MATMUL_ROWS if out.device.type == "cpu" else n  # one product per slab on a GPU: fewer launches
+            for s0 in range(0, n, step):
+                s1 = min(n, s0 + step)
                 for p0, T in pieces:  # the columns of mix that this piece's rows stand for
                     c0, c1 = max(first[s0], p0 - ilo), min(last[s1 - 1] + 1, p0 - ilo + T[k].shape[1])
                     if c0 < c1:

@@ -253,7 +253,7 @@ def test_folded_batchnorm_equals_conv_then_bn_and_follows_weight_changes(tiny_mo
 
 
 @pytest.mark.parametrize("low_hw,size", [((13, 11), (25, 21)), ((7, 9), (25, 33)), ((6, 5), (23, 20)), ((1, 4), (3, 13))])
-def test_conv_of_upsampled_map_without_upsampling_equals_the_direct_conv(low_hw, size):
+def test_conv_of_upsampled_map_without_upsampling_equals_the_direct_conv(low_hw, size, monkeypatch):
     """The fusion conv's cheap form (`UpsampledConv`): 1x3 convs on the small map's rows and a row-interpolation
     product must equal conv3x3(F.interpolate(low)) with zero padding, whatever the ratio, the edges and the way
     the output is sliced into slabs (in order, out of order, one row at a time)."""
@@ -266,13 +266,38 @@ def test_conv_of_upsampled_map_without_upsampling_equals_the_direct_conv(low_hw,
     H = size[0]
     whole, first_rows, one_by_one = [(0, H)], [(0, 1), (1, 2), (2, H)], [(r, r + 1) for r in range(H)]
     backwards = [(H // 2, H), (0, H // 2)]
-    for slabs in (whole, first_rows, one_by_one, backwards):
-        up = UpsampledConv(low, weight, size)
-        got = torch.empty_like(want)
-        for a, b in slabs:
-            rows = torch.zeros(2, 6, b - a, size[1]).contiguous(memory_format=torch.channels_last)
-            got[:, :, a:b] = up.add_rows(rows, a)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for product_rows in (8, 1000):  # the CPU's products of 8 output rows; one product per slab (GPUs)
+        monkeypatch.setattr(crm_model, "Y_MATMUL_ROWS", product_rows)
+        for slabs in (whole, first_rows, one_by_one, backwards):
+            up = UpsampledConv(low, weight, size)
+            got = torch.empty_like(want)
+            for a, b in slabs:
+                rows = torch.zeros(2, 6, b - a, size[1]).contiguous(memory_format=torch.channels_last)
+                got[:, :, a:b] = up.add_rows(rows, a)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_parts_sum_to_the_neck_on_the_encoders_path(tiny_model):
+    """The real path: the neck's own folded fusion weights, split by `folded_fusion_parts`, the stride-2 part as a
+    conv and the other two through `UpsampledConv` onto its output, equal the neck's conv over the concatenated,
+    upsampled maps."""
+    from crm_d2.model import UpsampledConv, folded_conv_bn
+
+    model = tiny_model.cpu().eval()
+    n, g = model.aspp_, torch.Generator().manual_seed(1)
+    w = n.aspp1_128.atrous_conv.out_channels
+    b1, b2, b3 = (torch.randn(1, c, h, wd, generator=g).contiguous(memory_format=torch.channels_last)
+                  for c, h, wd in ((w, 20, 18), (w, 10, 9), (2 * w, 5, 5)))
+    size = b1.shape[-2:]
+    weight, bias = folded_conv_bn(n.last_conv[0], n.last_conv[1])
+    up = lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=True)  # noqa: E731
+    with torch.no_grad():
+        want = F.conv2d(torch.cat((b1, up(b2), up(b3)), 1), weight, bias, padding=1)
+        w1, w2, w3, bias1 = n.folded_fusion_parts()
+        got = F.conv2d(b1, w1, bias1, padding=1).contiguous(memory_format=torch.channels_last)
+        UpsampledConv(b2, w2, size).add_rows(got, 0)
+        UpsampledConv(b3, w3, size).add_rows(got, 0)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_folded_blocks_reuse_their_buffers_and_leave_a_kept_input_alone(tiny_model):
