@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 
 from .inputs import check_option_fields, parse_option
-from .schedule import boundary_shift, outline
+from .metrics import outline
+from .schedule import boundary_shift
 
 __all__ = ["GATE_FEATURES", "LOW_GATE_FEATURES", "Gate", "GrabCut", "gate_features", "grabcut_mask", "grabcut_probs",
            "photo_gradient"]

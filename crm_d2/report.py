@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import atomic_write, read_image, write_image, write_json
-from .metrics import boundary_accuracy, boundary_bands, intersection_union, mba_radii
+from .metrics import boundary_accuracy, boundary_bands, iou, mba_radii
 from .pictures import outlined_crop
 
 __all__ = ["GALLERY_SIZE", "Gallery", "report_source", "segment_entry", "panoptic_gallery", "instances_gallery",
@@ -162,8 +162,7 @@ def segment_entry(image, base, crm, gt=None, category="", where=""):
         bands = boundary_bands(g, image_size)  # the costly part of mBA: once for both sides
         for side in ("base", "crm"):
             m = cut[side]
-            inter, union = intersection_union(m, g)
-            entry[f"iou_{side}"] = 100.0 * inter / union if union else None
+            entry[f"iou_{side}"] = _pct(iou(m, g))  # None where both are empty
             entry[f"mba_{side}"] = _pct(boundary_accuracy(m, g, bands=bands))
     outlines = [(cut[k], COLOURS[k]) for k in ("gt", "base", "crm") if cut[k] is not None]
     entry["picture"] = outlined_crop(image[y0:y1, x0:x1], (0, 0, x1 - x0, y1 - y0), outlines, CROP_SIDE)

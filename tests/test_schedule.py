@@ -78,14 +78,13 @@ def test_checkpoint_carries_its_schedule_rule(tmp_path):
         Refiner(str(path), device="cpu", scales="fast")
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast", "fast, last stage only"])
-def test_mask_skip_passes_the_mask_through_every_stage(tmp_path, mode):
+@pytest.mark.parametrize("mode, every_stage", [("exact", True), ("fast", True), ("fast", False)],
+                         ids=["exact", "fast", "fast, last stage only"])
+def test_mask_skip_passes_the_mask_through_every_stage(tmp_path, mode, every_stage):
     from crm_d2.fast import FastOptions
 
     path = _skip_checkpoint(tmp_path, {"scales": [0.5, 1.0]})
-    every_stage = mode != "fast, last stage only"
-    refiner = Refiner(str(path), device="cpu", mode=mode.split(",")[0],
-                      fast=FastOptions(last_stage_only=not every_stage))
+    refiner = Refiner(str(path), device="cpu", mode=mode, fast=FastOptions(last_stage_only=not every_stage))
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (96, 128, 3)).astype(np.uint8)
     mask = np.zeros((96, 128), np.float32)

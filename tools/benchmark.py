@@ -101,15 +101,19 @@ def run_one(args):
         return pred, time.perf_counter() - t0
 
     warmup_s = [once()[1] for _ in range(args.warmup)]
-    times, stages, out = [], [], None
+    times, profiles, out = [], [], None
     for _ in range(args.runs):
         out, t = once()
         times.append(t)
-        stages = [st for st in refiner.profile if "scale" in st]
-        snap_s = sum(st.get("edge_snap_s", 0.0) for st in refiner.profile)
-        grabcut_s = sum(st.get("grabcut_s", 0.0) for st in refiner.profile)
-        # glue: everything that is not the encoder, the decoder or the finish (resizes, padding, copies, the band)
-        glue_s = t - sum(st["encoder_s"] + st["decoder_s"] for st in stages) - snap_s - grabcut_s
+        profiles.append(refiner.profile)
+    # The breakdown is the median run's (the lower median for an even count), so that its parts add up to the total
+    # printed beside them.
+    k = sorted(range(len(times)), key=times.__getitem__)[(len(times) - 1) // 2]
+    stages = [st for st in profiles[k] if "scale" in st]
+    snap_s = sum(st.get("edge_snap_s", 0.0) for st in profiles[k])
+    grabcut_s = sum(st.get("grabcut_s", 0.0) for st in profiles[k])
+    # glue: everything that is not the encoder, the decoder or the finish (resizes, padding, copies, the band)
+    glue_s = times[k] - sum(st["encoder_s"] + st["decoder_s"] for st in stages) - snap_s - grabcut_s
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     res = {"size": args.size, "hw": [H, W],
