@@ -37,6 +37,14 @@ def build_parser():
     return parser
 
 
+def command_parsers(parser=None):
+    """{command name: its subparser} of `build_parser()` (or of `parser`): the one place that reaches into
+    argparse's subparsers (the options table, the docs' command checks)."""
+    parser = parser or build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)

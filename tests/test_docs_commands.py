@@ -2,14 +2,13 @@
 has, scripts under tools/ and datasets/ with options they define, and config files that are in the repository.
 (The README's own examples also run, in tests/test_readme.py; this keeps the rest from going stale when files
 move or options change.)"""
-import argparse
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from crm_d2.cli import build_parser
+from crm_d2.cli import command_parsers
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", "configs/README.md", "tools/README.md", "datasets/README.md"] + \
@@ -35,9 +34,7 @@ def words(command):
 
 
 def cli_flags():
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.choices.items()}
+    return {name: {s for a in p._actions for s in a.option_strings} for name, p in command_parsers().items()}
 
 
 # detectron2's default_argument_parser (tools/train_net.py), which tools/train_crm.py passes on to `crm-d2 train`

@@ -1,10 +1,11 @@
 """docs/options.md lists every option of the Refiner, the CLI and the Detectron2 config, and is what the definitions
 give (tools/maintain/options_doc.py writes it)."""
-import argparse
 import importlib.util
 from pathlib import Path
 
 import pytest
+
+from crm_d2.cli import command_parsers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +43,7 @@ def test_a_new_cli_option_refiner_argument_or_d2_key_without_a_row_is_named(opti
 
     def parser_with_a_new_flag():
         parser = real_parser()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices["refine"].add_argument("--new-knob", type=int, default=3)
+        command_parsers(parser)["refine"].add_argument("--new-knob", type=int, default=3)
         return parser
 
     monkeypatch.setattr(options_doc, "build_parser", parser_with_a_new_flag)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from crm_d2 import FastOptions, Refiner  # noqa: E402
-from crm_d2.cli import build_parser  # noqa: E402
+from crm_d2.cli import build_parser, command_parsers  # noqa: E402
 from crm_d2.panoptic.refine import SegmentRefineOptions  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "options.md"
@@ -84,10 +84,15 @@ TOPICS = [
         row("Refiner.fast", when="To pass `FastOptions` (below)."),
         row("FastOptions.band", when="Wider for masks far from the object (very coarse input)."),
         row("FastOptions.unsettled"), row("FastOptions.tile"), row("FastOptions.halo"),
-        row("FastOptions.band_from"), row("FastOptions.coarse_band"), row("FastOptions.next_grid"),
-        row("FastOptions.band_full"),
+        row("FastOptions.band_from"), row("FastOptions.coarse_band"),
+        row("FastOptions.next_grid", when="Leave on: with the four-scale schedule at 4K, next_grid and band_full "
+            "take fast mode's mBA gap to exact mode from 0.77 to 0.30 and 0.20 (docs/benchmark.md)."),
+        row("FastOptions.band_full", when="As next_grid."),
         row("FastOptions.last_stage_only",
-            when="False for masks far off their object: every stage runs, the high ones banded around the "
+            when="True skips the stages before the last: with the shipped model's `auto` schedule they are "
+                 "banded around the same coarse boundary at a lower resolution, so they reach no further, and "
+                 "they cost 30-40 % of fast mode's time. "
+                 "False for masks far off their object: every stage runs, the high ones banded around the "
                  "previous stage's boundary. On a 16x-coarse 2K scene fast mode's mBA is 1.37 below exact mode's "
                  "by default and 0.77 below with False (10.8x and 7.5x faster than exact); at 8x both are within "
                  "0.12 (docs/benchmark.md)."),
@@ -183,10 +188,8 @@ def refine_batch_matches_refine():
 
 def cli_options():
     """{(command, flag): argparse action}; the flag is the longest option string, or the dest of a positional."""
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     found = {}
-    for command, p in sub.choices.items():
+    for command, p in command_parsers(build_parser()).items():
         for action in p._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
@@ -254,9 +257,14 @@ def cli_rows(cli, spec):
     return sorted(k for k in cli if k[1] == flag and k not in CLAIMED)
 
 
-def coverage():
+def definitions():
+    """(python, cli, d2): every option as its code defines it, read once for `coverage` and `render`."""
+    return python_options(), cli_options(), d2_options()
+
+
+def coverage(defs=None):
     """(missing, unknown): definitions no row names, and row names that are not defined."""
-    py, cli, d2 = python_options(), cli_options(), d2_options()
+    py, cli, d2 = defs or definitions()
     named_py = {n for t in TOPICS for r in t[2] for n in r["python"]}
     named_cli = {k for t in TOPICS for r in t[2] for s in r["cli"] for k in cli_rows(cli, s)}
     named_d2 = {n for t in TOPICS for r in t[2] for n in r["d2"]}
@@ -287,8 +295,8 @@ def cell(text):
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def render():
-    py, cli, d2, doc = python_options(), cli_options(), d2_options(), refiner_docstring()
+def render(defs=None):
+    (py, cli, d2), doc = defs or definitions(), refiner_docstring()
     out = [
         "# Options",
         "",
@@ -357,11 +365,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="exit 1 if docs/options.md is stale or incomplete")
     args = p.parse_args(argv)
-    missing, unknown = coverage()
+    defs = definitions()
+    missing, unknown = coverage(defs)
     if missing or unknown or not refine_batch_matches_refine():
         print(f"options without a row: {missing}; rows naming no option: {unknown}", file=sys.stderr)
         return 1
-    text = render()
+    text = render(defs)
     if args.check:
         if not OUTPUT.is_file() or OUTPUT.read_text() != text:
             print(f"{OUTPUT} is stale: run python tools/maintain/options_doc.py", file=sys.stderr)
