@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .inputs import PAD, resize
+from .cpu import per_core
+from .inputs import PAD, resize, resize_sources
 from .model import make_coord
 from .schedule import stage_scales
 
@@ -20,29 +21,23 @@ BAND_BLOCK = 32  # fast mode decodes the band in strips of this many encoder-gri
 
 @dataclass
 class FastOptions:
-    """Knobs of fast mode: by default the schedule's last stage alone, re-encoding and re-decoding only a band
-    around the coarse mask's boundary (`coarse_band`, `band`, `tile`, `halo`); with `last_stage_only=False`, every
-    stage, the later ones banded around the previous stage's boundary (`band_from`, `unsettled`, `next_grid` and
-    `band_full` apply only then).
+    """Knobs of fast mode. By default only the schedule's last stage runs, and only around the coarse mask's
+    boundary: the encoder runs on the tiles that touch a band there, the decoder on the band, and the rest of the
+    mask stays as it came in. What each default costs and saves, as measured: docs/options.md, and
+    docs/benchmark.md, "Fast mode".
 
-    band: full-resolution pixels on each side of the previous boundary (and of its unsettled pixels) that are
-    decoded again; unsettled: a previous probability in (u, 1 - u) counts as undecided; tile/halo: the encoder
-    runs on tiles of this many stage pixels that touch the band (neighbours in a row as one crop), with this
-    much context around them;
-    band_from: stages at or above this scale use band tiles, lower ones run densely (they are cheap);
-    coarse_band: when the first stage is already at or above `band_from` (e.g. the demo model's full-scale-only
-    schedule), its band is taken around the coarse mask's boundary, this fraction of the long side wide on each
-    side (a coarse mask is off by more than a refined stage is);
-    next_grid: dense stages decode at the points where the next stage samples them (what exact mode hands on),
-    not at their own resolution; band_full: band stages before the last decode their band at full resolution.
-    With the four-scale schedule at 4K they take fast mode's mBA gap to exact mode from 0.77 to 0.30 and 0.20
-    (docs/benchmark.md).
-    last_stage_only: run only the schedule's last stage, banded around the coarse mask (`coarse_band`), instead of
-    every stage. With the shipped model's `auto` schedule the stage before the last is itself a band stage around
-    the same coarse boundary at half the resolution, so it can reach no further than the last stage does; it
-    cost 30-40 % of fast mode's time. Without it, and with the 16-px halo (32 before: same mBA, 10-20 % faster),
-    fast mode was 4-10x exact mode at 2K-4K instead of 2.6-6.5x, and is 3.7-8.5x since exact mode itself became
-    faster, with mBA at most 0.12 below exact mode's (docs/benchmark.md, issue 32). False runs every stage.
+    band: full-resolution pixels on each side of the boundary (and of undecided pixels) that are decoded again;
+    unsettled: a probability in (u, 1 - u), in the input mask or a previous stage, counts as undecided;
+    tile/halo: the encoder runs on tiles of this many stage pixels that touch the band (neighbours in a row as
+    one crop), with this much context around them;
+    band_from: stages at or above this scale are banded; lower ones (a stage capped by `max_side`, or the low
+    stages of a full schedule) run densely, as they are cheap;
+    coarse_band: a banded stage with no stage before it takes its band around the coarse mask's boundary, this
+    fraction of the long side wide on each side (a coarse mask is off by more than a refined stage is);
+    last_stage_only: False runs every stage of the schedule, the later ones banded around the previous stage's
+    boundary: slower, for masks far off their object;
+    next_grid/band_full: with last_stage_only=False, dense stages decode only the points where the next stage
+    samples them, and banded stages before the last decode their band at full resolution.
     """
 
     band: int = 16
@@ -127,36 +122,51 @@ class FastMode:
         band = (F.interpolate(band[None, None].float(), size=E, mode="nearest")[0, 0] > 0).cpu()
         Hf, Wf = (E[0] + 1) // 2, (E[1] + 1) // 2
         qy_all, qx_all = make_coord(D[0], prob.device), make_coord(D[1], prob.device)
-        t_enc, tiles, strips = 0.0, 0, []
+        runs = []
         for y0 in range(0, E[0], opt.tile):
             y1 = min(E[0], y0 + opt.tile)
             starts = [x0 for x0 in range(0, E[1], opt.tile) if band[y0:y1, x0 : x0 + opt.tile].any()]
             # Neighbouring band tiles of a row are encoded as one crop: one halo per run, not per tile.
-            for run in _runs(starts, opt.tile):
-                xa, xb = run[0], min(E[1], run[-1] + opt.tile)
-                cy0, cx0 = max(0, y0 - opt.halo), max(0, xa - opt.halo)
-                cy1, cx1 = min(E[0], y1 + opt.halo), min(E[1], xb + opt.halo)
-                x = torch.cat((im_s[..., cy0:cy1, cx0:cx1], seg_s[..., cy0:cy1, cx0:cx1]), 1)
-                t = self._clock()
-                proj = self._project(x)
-                t_enc, tiles = t_enc + self._clock() - t, tiles + len(run)
-                # The query terms of the run's rows and columns once; each strip takes its slices.
-                ry0, rx0 = y0 * D[0] // E[0], xa * D[1] // E[1]
-                rows, cols = self.model.query_terms(proj, qy_all[ry0 : y1 * D[0] // E[0]],
-                                                    qx_all[rx0 : xb * D[1] // E[1]], cell, feat_grid=(Hf, Wf),
-                                                    offset=(cy0 // 2, cx0 // 2))
-                for x0 in run:
-                    for by0, by1, bx0, bx1 in band_strips(band, y0, y1, x0, min(E[1], x0 + opt.tile)):
-                        dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
-                        dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
-                        logits = self._logits(proj, [t[:, dy0 - ry0 : dy1 - ry0] for t in rows],
-                                              [t[:, dx0 - rx0 : dx1 - rx0] for t in cols], prior,
-                                              (slice(dy0, dy1), slice(dx0, dx1)))
-                        prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
-                        strips.append((dy0, dy1, dx0, dx1))
+            runs += [(y0, y1, run) for run in _runs(starts, opt.tile)]
+        enc_times, strips = [], []
+
+        def encode_and_decode(item):
+            y0, y1, run = item
+            xa, xb = run[0], min(E[1], run[-1] + opt.tile)
+            cy0, cx0 = max(0, y0 - opt.halo), max(0, xa - opt.halo)
+            cy1, cx1 = min(E[0], y1 + opt.halo), min(E[1], xb + opt.halo)
+            x = torch.cat((im_s[..., cy0:cy1, cx0:cx1], seg_s[..., cy0:cy1, cx0:cx1]), 1)
+            t = self._clock()
+            proj = self._project(x)
+            enc_times.append(self._clock() - t)
+            # The query terms of the run's rows and columns once; each strip takes its slices.
+            ry0, rx0 = y0 * D[0] // E[0], xa * D[1] // E[1]
+            rows, cols = self.model.query_terms(proj, qy_all[ry0 : y1 * D[0] // E[0]],
+                                                qx_all[rx0 : xb * D[1] // E[1]], cell, feat_grid=(Hf, Wf),
+                                                offset=(cy0 // 2, cx0 // 2))
+            for x0 in run:
+                for by0, by1, bx0, bx1 in band_strips(band, y0, y1, x0, min(E[1], x0 + opt.tile)):
+                    dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
+                    dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
+                    logits = self._logits(proj, [t[:, dy0 - ry0 : dy1 - ry0] for t in rows],
+                                          [t[:, dx0 - rx0 : dx1 - rx0] for t in cols], prior,
+                                          (slice(dy0, dy1), slice(dx0, dx1)))
+                    prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
+                    strips.append((dy0, dy1, dx0, dx1))
+
+        # On CPU the runs are shared among the cores, a run per core at a time (their pixels do not overlap): small
+        # crops keep one core busy but not two. Their encoder time is then reported per core.
+        cores = 1
+        if self.device.type == "cpu":
+            cores = min(torch.get_num_threads(), max(1, len(runs)))
+            per_core(encode_and_decode, runs)
+        else:
+            for item in runs:
+                encode_and_decode(item)
+        tiles = sum(len(run) for _, _, run in runs)
         if self.model.cfg.pixel_head:
             prob = self._pixel_head_strips(prob, image, prior, strips)
-        return prob, t_enc, tiles
+        return prob, sum(enc_times) / cores, tiles
 
     def _pixel_head_strips(self, prob, image, prior, strips):
         """The pixel head on the decoded strips only, each read with the head's halo (the previous stage's
@@ -198,8 +208,7 @@ def _runs(starts, step):
 
 def resize_positions(n_out, n_in, device=None):
     """Where F.interpolate(size=n_out, align_corners=True) samples an n_in axis, as (-1, 1) pixel-centre coords."""
-    pos = torch.arange(n_out, device=device, dtype=torch.float32) * ((n_in - 1) / max(1, n_out - 1))
-    return -1 + (2 * pos + 1) / n_in
+    return -1 + (2 * resize_sources(n_out, n_in, device) + 1) / n_in
 
 
 def band_cells(prev, radius, unsettled, cell=8):

@@ -19,6 +19,12 @@ def resize(x, size):
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
+def resize_sources(n_out, n_in, device=None):
+    """Where `resize` samples an n_in-long axis for each of its n_out outputs, in input pixels (float32; 0 and
+    n_in - 1 at the ends, as align_corners puts them)."""
+    return torch.arange(n_out, device=device, dtype=torch.float32) * ((n_in - 1) / max(1, n_out - 1))
+
+
 def _as_numpy(x, what):
     """A numpy view of an array or tensor; None (a failed cv2.imread) is an error that says so."""
     if x is None:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu import add_relu_, fused_linear, linear_relu
+from .inputs import resize_sources
 from .kernels import checked_fused_ensemble, fused_decoder_available
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -24,13 +26,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SHIFTS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
 TRUNK_BYTES_PER_PX_PER_WIDTH = 5  # peak inference activations of the trunk per input pixel, per unit of width
 _EPS_SHIFT = 1e-6
-# The fusion conv's row slabs (`encode_projected`) hold about 3x this many bytes. Kept small so that each of
-# their tensors stays under glibc's mmap threshold (at most 32 MB): freed slabs are then reused by the next one
-# instead of being unmapped and page-faulted in again, which cost 10 % of the encoder at 2K (docs/benchmark.md).
+# The fusion conv's row slabs (`encode_projected`): each slab's output is sized to a third of this (about 21 MB),
+# so that it and the slab's other tensors stay under glibc's mmap threshold (at most 32 MB): freed slabs are then
+# reused by the next one instead of being unmapped and page-faulted in again, which cost 10 % of the encoder at 2K
+# (docs/benchmark.md).
 FUSION_SLAB_BYTES = 64 << 20
-# CPU inference (`CRM._ensemble_cpu`): activations per MLP layer call, 18432 rows of 32 floats. Measured on a Zen 4
-# core: 1 MB is slower (oneDNN's ~18 us per call weighs more) and 4 MB much slower (fresh pages each call).
-CPU_BLOCK_BYTES = 2304 << 10
+# CPU inference (`CRM._ensemble_cpu`): activations per MLP layer call, 9216 rows of 32 floats, on one core (the
+# refiner decodes a chunk per core, `crm_d2.cpu.per_core`). A 2K decode on two Zen 4 cores, one worker each:
+# 0.82-0.84 s with these 1152 KB, 0.87-0.88 s with 576 KB, 0.86-0.91 s with 2304 KB, 0.99-1.02 s with 288 KB.
+CPU_BLOCK_BYTES = 1152 << 10
 MASK_GAIN_INIT = 3.0  # a fresh skip passes the mask through as p = sigmoid(+-3) = 0.95 / 0.05
 
 
@@ -380,72 +384,6 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
-# ----------------------------------------------------------------------------------------------- CPU layers
-_fused_linear = {}  # "ok": whether oneDNN's fused linear + bias + ReLU runs here and agrees, checked once
-
-
-def fused_linear(x, weight, bias, relu=False):
-    """F.linear(x, weight, bias), then a ReLU where asked; for inference.
-
-    For float32 on the CPU this goes through oneDNN's linear with the bias and the ReLU in the product's
-    epilogue (`torch.ops.mkldnn._linear_pointwise`, the op that torch.compile emits on CPU), when it exists and
-    agreed with F.linear on a first small call (`fused_linear_ok`); otherwise, under autograd, or when oneDNN is
-    switched off (`torch.backends.mkldnn.enabled`), F.linear then an in-place ReLU. aten's addmm copies the bias
-    into its output before the product: for the decoder's 32x32 layers that pass and the ReLU's are a fifth of
-    the time, and for the encoder's 1x1 convolutions they cost about as much as the products themselves."""
-    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.enabled and fused_linear_ok()):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
-    y = F.linear(x, weight, bias)
-    return y.relu_() if relu else y
-
-
-def linear_relu(x, layer):
-    """relu(layer(x)) for inference (`fused_linear`)."""
-    return fused_linear(x, layer.weight, layer.bias, relu=True)
-
-
-def fused_linear_ok():
-    """Whether `fused_linear` may use oneDNN's fused op (an internal op: checked once per process)."""
-    if "ok" not in _fused_linear:
-        ok = False
-        try:
-            if torch.backends.mkldnn.is_available():
-                with torch.no_grad():
-                    x = torch.linspace(-2, 2, 7 * 5).view(7, 5)
-                    w, b = torch.linspace(1, -1, 3 * 5).view(3, 5), torch.tensor([0.1, -0.2, 0.3])
-                    got = torch.ops.mkldnn._linear_pointwise(x, w, b, "relu", [], "")
-                    ok = got.shape == (7, 3) and torch.allclose(got, F.linear(x, w, b).relu(), atol=1e-6)
-        except (AttributeError, RuntimeError, TypeError):  # no such op in this build, or it cannot run here
-            ok = False
-        _fused_linear["ok"] = ok
-    return _fused_linear["ok"]
-
-
-_MALLOC_WARMED = []
-
-
-def warm_malloc_thresholds():
-    """Make glibc's malloc keep freed blocks of up to 24 MB for reuse (once per process; CPU inference).
-
-    glibc serves big requests with mmap, and raises that threshold (and, to twice it, the threshold above which
-    it trims the heap) only when it frees an mmapped block: to that block's size, at most 32 MB. Until it has,
-    blocks of a few MB are handed back to the OS as soon as they are freed and page-faulted in again when the
-    next one is made: the decoder's blocks at 4K were up to 2.5x slower for it (2.1M page faults in one
-    full-resolution decode). Freeing one untouched 24 MB tensor sets the thresholds where a long-running
-    process ends up anyway. Other allocators ignore it."""
-    if not _MALLOC_WARMED:
-        torch.empty(24 << 20, dtype=torch.uint8)
-        _MALLOC_WARMED.append(True)
-
-
-def add_relu_(x, other):
-    """x = relu(x + other) in one pass (aten's fused add-ReLU, which torch's JIT uses; add_ then relu_ without
-    it)."""
-    op = getattr(torch.ops.aten, "_add_relu_", None)
-    return op(x, other) if op is not None else x.add_(other).relu_()
-
-
 # ----------------------------------------------------------------------------------------------- coordinates
 def make_coord(n, device=None):
     """Centres of n equal cells spanning (-1, 1), computed as LIIF does so indices round identically."""
@@ -520,8 +458,6 @@ class CRM(nn.Module):
         never exist (`UpsampledConv`), which takes 60 % of the conv's multiply-adds away.
         """
         n = self.aspp_
-        if x.device.type == "cpu":
-            warm_malloc_thresholds()  # the slabs below are reused, not page-faulted in again
         x = x.contiguous(memory_format=torch.channels_last)
         b1, b2, b3 = self.branches(x, trunk_budget)
         B, Hf, Wf = x.shape[0], (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
@@ -714,7 +650,6 @@ class CRM(nn.Module):
         R, C = iy.shape[1], ix.shape[1]
         if B * R * C == 0:
             return self._ensemble_plain(proj, rows, cols)
-        warm_malloc_thresholds()
         layers = self.imnet.layers
         last = layers[len(layers) - 1]
         col = col_term.reshape(2 * C * K)
@@ -835,7 +770,7 @@ class QuerySample:
 def interpolation_rows(h, H, device=None):
     """Which input rows (i0, i1) and weight t of i1 each of H output rows takes in
     F.interpolate(mode="bilinear", align_corners=True) from h rows: row Y = (1 - t) x[i0] + t x[i1]."""
-    pos = torch.arange(H, device=device, dtype=torch.float32) * ((h - 1) / (H - 1) if H > 1 else 0.0)
+    pos = resize_sources(H, h, device)
     i0 = pos.floor().long().clamp_(0, h - 1)
     return i0, (i0 + 1).clamp_(max=h - 1), pos - i0.float()
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_model
+from .cpu import per_core, warm_malloc_thresholds
 from .fast import FastMode, FastOptions
 from .grabcut import GrabCut, grabcut_probs
 from .guided import EdgeSnap, snap_probs
@@ -22,7 +23,7 @@ from .schedule import (AUTO_BASE, DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, RoiBox, Ro
 
 __all__ = ["Refiner", "FastOptions", "EdgeSnap", "GrabCut", "Rounds"]
 
-CPU_CHUNK_QUERIES = 65536  # decoder queries per step on CPU (the decoder works through them in cache-sized blocks)
+CPU_CHUNK_QUERIES = 65536  # decoder queries per task on CPU (`per_core`; each works through its chunk in blocks)
 
 
 class Refiner(FastMode):
@@ -72,6 +73,8 @@ class Refiner(FastMode):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu'")
+        if self.device.type == "cpu":
+            warm_malloc_thresholds()  # the encoder's slabs and the decoder's blocks are reused, not faulted in again
         if weights is None:
             if not allow_random:
                 raise ValueError("Refiner needs weights: 'demo', a checkpoint path, or allow_random=True for tests")
@@ -228,18 +231,26 @@ class Refiner(FastMode):
         im, seg = self._padded_inputs(images, masks)
         Hp, Wp = seg.shape[-2:]
         prob = torch.empty(B, Hp, Wp, device=self.device)
-        for s in stage_scales(scales, (Hp, Wp), max_side, self.auto_base, min_side):
+        inner = (slice(None), slice(PAD, Hp - PAD), slice(PAD, Wp - PAD))
+        stages = stage_scales(scales, (Hp, Wp), max_side, self.auto_base, min_side)
+        for k, s in enumerate(stages):
             size = (round(Hp * s), round(Wp * s))
             im_s, seg_s = resize(im, size), resize(seg, size)
             t0 = self._clock()
             proj = self._project_batched(im_s, seg_s)
             t1 = self._clock()
-            self._decode_into(prob, proj, (2 / Hp, 2 / Wp), prior=seg[:, 0], image=im)
+            if k == len(stages) - 1 and not self.model.cfg.pixel_head:
+                # The padding is cut off after the last stage: decode the image's own pixels only (earlier stages
+                # decode it all, as the next stage reads it). A pixel head reads the neighbours it would lose.
+                queries = make_coord(Hp, self.device)[inner[1]], make_coord(Wp, self.device)[inner[2]]
+                self._decode_into(prob[inner], proj, (2 / Hp, 2 / Wp), queries, prior=seg[:, 0][inner])
+            else:
+                self._decode_into(prob, proj, (2 / Hp, 2 / Wp), prior=seg[:, 0], image=im)
             self._record(s, t0, t1)
             empty = (seg + 1).flatten(1).sum(1) < 2  # the release's guard against an (almost) empty input
             prob[empty] = 0
             seg = ((prob - 0.5) * 2)[:, None]
-        return prob[:, PAD:-PAD, PAD:-PAD].cpu().numpy()
+        return prob[inner].cpu().numpy()
 
     def _padded_inputs(self, images, masks):
         """The release's input: ImageNet-normalised image and mask in [-1, 1], both reflect-padded by 32 px."""
@@ -280,22 +291,32 @@ class Refiner(FastMode):
         in [-1, 1] on the same grid (B x H x W), for models with a mask skip or a pixel head; image: the
         normalised image on that grid (1 or B x 3 x H x W), for a pixel head.
 
-        On CPU the decoder works through a chunk in blocks whose activations stay in cache (`CRM._ensemble_cpu`),
-        and the chunk only bounds its logits; on GPU chunks are as large as the memory budget allows.
+        On CPU the chunks are shared among the cores, one chunk per core at a time (`per_core`), and each is
+        decoded in blocks whose activations stay in that core's cache (`CRM._ensemble_cpu`); on GPU chunks are as
+        large as the memory budget allows.
         """
         B, H, W = prob.shape
-        if self.device.type == "cpu":
+        cpu = self.device.type == "cpu"
+        if cpu:
             rows = max(1, CPU_CHUNK_QUERIES // (B * W))
         else:
             rows = max(1, self.memory_budget // (B * W * (2 * self.model.cfg.hidden + 16) * 4))
         qy, qx = queries or (make_coord(H, prob.device), make_coord(W, prob.device))
         (iy, row_term, ay), cols = self.model.query_terms(proj, qy, qx, cell)
         head = self.model.cfg.pixel_head
-        for r0 in range(0, H, rows):
+
+        def decode(r0):
             r1 = min(H, r0 + rows)
             chunk = (iy[:, r0:r1], row_term[:, r0:r1], ay[:, r0:r1])
             logits = self._logits(proj, chunk, cols, prior, (slice(r0, r1), slice(None)))
             prob[:, r0:r1] = logits if head else torch.sigmoid(logits)
+
+        starts = range(0, H, rows)
+        if cpu:
+            per_core(decode, starts)
+        else:
+            for r0 in starts:
+                decode(r0)
         if head:  # the head reads a neighbourhood of decoded logits: it runs once the whole grid is decoded
             prob[:] = torch.sigmoid(self.model.pixel_head.apply_rows(prob, image, prior, self.memory_budget))
 

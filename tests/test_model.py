@@ -1,10 +1,9 @@
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import crm_d2.cpu as crm_cpu
 import crm_d2.model as crm_model
 from crm_d2.model import TRUNK_BYTES_PER_PX_PER_WIDTH, CRM, CRMConfig, axis_neighbours, count_parameters, make_coord
 
@@ -122,10 +121,10 @@ def test_cpu_decoder_equals_the_plain_reference(cfg, fused, randomize_model, mon
     """CPU inference decodes through `_ensemble_cpu` (blocked, oneDNN's fused linear when it is there). It must
     give `_blend` of the MLP on the four neighbours (`decode_points` at every pixel) and the plain path's logits,
     whatever the blocking, for an MLP of any width and depth, with and without the fused op."""
-    if fused and not crm_model.fused_linear_ok():
+    if fused and not crm_cpu.fused_linear_ok():
         pytest.skip("oneDNN's fused linear is not available in this torch build")
     if not fused:
-        monkeypatch.setitem(crm_model._fused_linear, "ok", False)
+        monkeypatch.setattr(crm_cpu, "fused_linear_ok", lambda: False)
     model = randomize_model(CRM(CRMConfig.from_dict(cfg)))
     calls = []
     real = CRM._ensemble_cpu
@@ -149,31 +148,6 @@ def test_cpu_decoder_equals_the_plain_reference(cfg, fused, randomize_model, mon
     with torch.no_grad():  # a feature crop (tiled decoding): a non-contiguous proj
         part = model.decode(proj[:, 1:6, 1:8], qy[5:17], qx[8:26], (2 / H, 2 / W), feat_grid=(7, 9), offset=(1, 1))
     torch.testing.assert_close(part, blend[:, 5:17, 8:26], rtol=0, atol=1e-5 * float(blend.abs().max()))
-
-
-def test_fused_linear_falls_back_when_onednn_is_missing_or_fails(monkeypatch):
-    """`linear_relu` uses oneDNN's internal fused op only after a first check passed; a missing op, one that
-    raises, or oneDNN switched off gives F.linear + ReLU, with the same result."""
-    layer = torch.nn.Linear(32, 32)
-    x = torch.randn(50, 32)
-    with torch.no_grad():
-        want = F.linear(x, layer.weight, layer.bias).relu()
-
-        def broken(*args):
-            raise RuntimeError("oneDNN cannot run here")
-
-        torch.ops.mkldnn._linear_pointwise  # resolved once, so that the namespace holds it and monkeypatch restores it
-        for patch in ("raises", "unavailable"):
-            with monkeypatch.context() as m:
-                m.setattr(crm_model, "_fused_linear", {})  # not checked yet
-                if patch == "raises":
-                    m.setattr(torch.ops.mkldnn, "_linear_pointwise", broken)
-                else:
-                    m.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-                assert not crm_model.fused_linear_ok()
-                torch.testing.assert_close(crm_model.linear_relu(x, layer), want, rtol=0, atol=0)
-        if crm_model.fused_linear_ok():
-            torch.testing.assert_close(crm_model.linear_relu(x, layer), want, rtol=1e-6, atol=1e-6)
 
 
 def test_training_forward_has_gradients(device):
@@ -314,29 +288,3 @@ def test_folded_blocks_reuse_their_buffers_and_leave_a_kept_input_alone(tiny_mod
         out = block.folded(x, consume_input=True)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     assert out.data_ptr() == x.data_ptr()
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds: Linux only")
-def test_warm_malloc_thresholds_stops_page_faults_on_repeated_blocks():
-    """After `warm_malloc_thresholds`, freeing and making again a block of a few MB (what the CPU decoder does
-    per block) reuses the same memory: no page faults. Measured in a fresh process, where glibc has not yet
-    raised its thresholds by itself."""
-    code = """
-import resource, torch
-from crm_d2.model import warm_malloc_thresholds
-torch.empty(1 << 18)  # a freed 1 MB mmapped block: glibc's thresholds become 1 MB (mmap) and 2 MB (trim)
-def faults():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
-        blocks = [torch.empty(225 << 10).fill_(1.0) for _ in range(3)]  # 900 KB each: from the heap
-        del blocks  # 2.7 MB free at the heap's top, over the trim threshold: handed back to the OS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-cold = faults()
-warm_malloc_thresholds()
-print(cold, faults())
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    cold, warm = int(out[0]), int(out[1])
-    if cold < 500:
-        pytest.skip(f"this allocator already reuses the freed blocks ({cold} page faults): nothing to show")
-    assert warm < cold / 10, (cold, warm)

@@ -66,6 +66,36 @@ def test_cpu_decoder_blocking_and_plain_path_agree(refiner, scene, monkeypatch, 
     np.testing.assert_allclose(c, a, atol=tol(1e-6, LOGIT_SCALE))
 
 
+def test_cpu_decoder_shares_chunks_among_cores_with_serial_results(refiner, scene, monkeypatch, tol):
+    """With several torch threads the CPU decoder runs its chunks on one worker per core (`per_core`), each
+    chunk on one thread; the probabilities are those of a one-thread run (to float rounding: the encoder's
+    products split differently with two threads)."""
+    import threading
+
+    from crm_d2.model import CRM
+
+    if refiner.device.type != "cpu":
+        pytest.skip("per-core decoding is the CPU path")
+    img, _, coarse = scene
+    real, threads = CRM._ensemble_cpu, []
+    monkeypatch.setattr(CRM, "_ensemble_cpu",
+                        lambda *a: threads.append((threading.get_ident(), torch.get_num_threads())) or real(*a))
+    monkeypatch.setattr("crm_d2.refiner.CPU_CHUNK_QUERIES", 2000)  # several chunks on the small scene
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = refiner.refine(img, coarse)
+        assert {t[0] for t in threads} == {threading.get_ident()}
+        threads.clear()
+        torch.set_num_threads(2)
+        shared = refiner.refine(img, coarse)
+    finally:
+        torch.set_num_threads(before)
+    assert len({t[0] for t in threads}) == 2 and {t[1] for t in threads} == {1}
+    assert serial.std() > 0.01
+    np.testing.assert_allclose(shared, serial, atol=tol(1e-6, LOGIT_SCALE))
+
+
 def test_batch_equals_single_calls(refiner, scene, tol):
     img, gt, coarse = scene
     masks = [coarse, gt, np.roll(coarse, 7, axis=1)]
