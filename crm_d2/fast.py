@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cpu import per_core
 from .inputs import PAD, resize, resize_sources
 from .model import make_coord
 from .schedule import stage_scales
@@ -122,51 +121,36 @@ class FastMode:
         band = (F.interpolate(band[None, None].float(), size=E, mode="nearest")[0, 0] > 0).cpu()
         Hf, Wf = (E[0] + 1) // 2, (E[1] + 1) // 2
         qy_all, qx_all = make_coord(D[0], prob.device), make_coord(D[1], prob.device)
-        runs = []
+        t_enc, tiles, strips = 0.0, 0, []
         for y0 in range(0, E[0], opt.tile):
             y1 = min(E[0], y0 + opt.tile)
             starts = [x0 for x0 in range(0, E[1], opt.tile) if band[y0:y1, x0 : x0 + opt.tile].any()]
             # Neighbouring band tiles of a row are encoded as one crop: one halo per run, not per tile.
-            runs += [(y0, y1, run) for run in _runs(starts, opt.tile)]
-        enc_times, strips = [], []
-
-        def encode_and_decode(item):
-            y0, y1, run = item
-            xa, xb = run[0], min(E[1], run[-1] + opt.tile)
-            cy0, cx0 = max(0, y0 - opt.halo), max(0, xa - opt.halo)
-            cy1, cx1 = min(E[0], y1 + opt.halo), min(E[1], xb + opt.halo)
-            x = torch.cat((im_s[..., cy0:cy1, cx0:cx1], seg_s[..., cy0:cy1, cx0:cx1]), 1)
-            t = self._clock()
-            proj = self._project(x)
-            enc_times.append(self._clock() - t)
-            # The query terms of the run's rows and columns once; each strip takes its slices.
-            ry0, rx0 = y0 * D[0] // E[0], xa * D[1] // E[1]
-            rows, cols = self.model.query_terms(proj, qy_all[ry0 : y1 * D[0] // E[0]],
-                                                qx_all[rx0 : xb * D[1] // E[1]], cell, feat_grid=(Hf, Wf),
-                                                offset=(cy0 // 2, cx0 // 2))
-            for x0 in run:
-                for by0, by1, bx0, bx1 in band_strips(band, y0, y1, x0, min(E[1], x0 + opt.tile)):
-                    dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
-                    dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
-                    logits = self._logits(proj, [t[:, dy0 - ry0 : dy1 - ry0] for t in rows],
-                                          [t[:, dx0 - rx0 : dx1 - rx0] for t in cols], prior,
-                                          (slice(dy0, dy1), slice(dx0, dx1)))
-                    prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
-                    strips.append((dy0, dy1, dx0, dx1))
-
-        # On CPU the runs are shared among the cores, a run per core at a time (their pixels do not overlap): small
-        # crops keep one core busy but not two. Their encoder time is then reported per core.
-        cores = 1
-        if self.device.type == "cpu":
-            cores = min(torch.get_num_threads(), max(1, len(runs)))
-            per_core(encode_and_decode, runs)
-        else:
-            for item in runs:
-                encode_and_decode(item)
-        tiles = sum(len(run) for _, _, run in runs)
+            for run in _runs(starts, opt.tile):
+                xa, xb = run[0], min(E[1], run[-1] + opt.tile)
+                cy0, cx0 = max(0, y0 - opt.halo), max(0, xa - opt.halo)
+                cy1, cx1 = min(E[0], y1 + opt.halo), min(E[1], xb + opt.halo)
+                x = torch.cat((im_s[..., cy0:cy1, cx0:cx1], seg_s[..., cy0:cy1, cx0:cx1]), 1)
+                t = self._clock()
+                proj = self._project(x)
+                t_enc, tiles = t_enc + self._clock() - t, tiles + len(run)
+                # The query terms of the run's rows and columns once; each strip takes its slices.
+                ry0, rx0 = y0 * D[0] // E[0], xa * D[1] // E[1]
+                rows, cols = self.model.query_terms(proj, qy_all[ry0 : y1 * D[0] // E[0]],
+                                                    qx_all[rx0 : xb * D[1] // E[1]], cell, feat_grid=(Hf, Wf),
+                                                    offset=(cy0 // 2, cx0 // 2))
+                for x0 in run:
+                    for by0, by1, bx0, bx1 in band_strips(band, y0, y1, x0, min(E[1], x0 + opt.tile)):
+                        dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
+                        dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
+                        logits = self._logits(proj, [t[:, dy0 - ry0 : dy1 - ry0] for t in rows],
+                                              [t[:, dx0 - rx0 : dx1 - rx0] for t in cols], prior,
+                                              (slice(dy0, dy1), slice(dx0, dx1)))
+                        prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
+                        strips.append((dy0, dy1, dx0, dx1))
         if self.model.cfg.pixel_head:
             prob = self._pixel_head_strips(prob, image, prior, strips)
-        return prob, sum(enc_times) / cores, tiles
+        return prob, t_enc, tiles
 
     def _pixel_head_strips(self, prob, image, prior, strips):
         """The pixel head on the decoded strips only, each read with the head's halo (the previous stage's
