@@ -293,17 +293,20 @@ def instances_gallery(gt, base_results, crm_results, image_path, size=GALLERY_SI
         if photo_id != res["image_id"]:
             photo, photo_id = _Photo(image_path(res["image_id"], im)), res["image_id"]
 
-        def make(res=res, ref=ref, im=im, photo=photo):
+        def make(res=res, ref=ref, im=im, photo=photo, masks=[b_rle] + ([r_rle] if r_rle else [])):
             b = decode(res["segmentation"], im)
             r = decode(ref["segmentation"], im) if ref else np.zeros_like(b)
-            g, best_iou = None, 0.5  # the GT instance matching either mask best, at IoU > 0.5 as COCO's AP50
-            for a in gt_by_image.get(res["image_id"], []):
-                if a.get("iscrowd", 0) or not (class_agnostic or a["category_id"] == res["category_id"]):
-                    continue
-                m = decode(a["segmentation"], im)
-                iou = max(np.count_nonzero(x & m) / max(1, np.count_nonzero(x | m)) for x in (b, r))
-                if iou > best_iou:
-                    g, best_iou = m, iou
+            # The GT instance matching either mask best, at IoU > 0.5 as COCO's AP50: ranked on the RLEs, and
+            # only that one decoded (an image can hold hundreds of instances).
+            g = None
+            candidates = [a for a in gt_by_image.get(res["image_id"], []) if not a.get("iscrowd", 0)
+                          and (class_agnostic or a["category_id"] == res["category_id"])]
+            if candidates:
+                rles = [rle_bytes(compressed_rle(a["segmentation"], im["height"], im["width"], f"image {im['id']}"))
+                        for a in candidates]
+                ious = np.asarray(mask_utils.iou(rles, masks, [0] * len(masks))).reshape(len(rles), -1).max(1)
+                if ious.max() > 0.5:
+                    g = decode(candidates[int(ious.argmax())]["segmentation"], im)
             category = "entity" if class_agnostic else names.get(res["category_id"], res["category_id"])
             return segment_entry(photo(), b, r, g, category, Path(im.get("file_name", str(res["image_id"]))).stem)
 

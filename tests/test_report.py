@@ -199,3 +199,47 @@ def test_the_page_renders_in_headless_chromium(dataset, tmp_path):
     assert (picture < 100).any(axis=2).mean() > 0.002
     chair_red = (picture[..., 2] > 150) & (picture[..., 1] < 80) & (picture[..., 0] < 80)
     assert chair_red.sum() > 100
+
+
+def test_instances_gallery_scores_each_detection_against_its_best_gt_instance(tmp_path):
+    """Each entry is scored against the GT instance of its category that overlaps the base or refined mask most
+    (IoU > 0.5); crowd regions and other categories are not candidates, except class-agnostic ones; a detection
+    with no such instance has no GT numbers."""
+    from pycocotools import mask as mask_utils
+
+    from crm_d2.report import instances_gallery
+
+    H, W = 48, 40
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((H, W, 3), 128, np.uint8))
+
+    def box(y0, y1, x0, x1):
+        m = np.zeros((H, W), np.uint8)
+        m[y0:y1, x0:x1] = 1
+        return m
+
+    def rle(m):
+        r = mask_utils.encode(np.asfortranarray(m))
+        return dict(r, counts=r["counts"].decode("ascii"))
+
+    def polygon(y0, y1, x0, x1):  # GT may come as COCO polygons
+        return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+    near, far = box(20, 35, 20, 35), box(0, 10, 0, 10)
+    gt = {"images": [{"id": 1, "height": H, "width": W, "file_name": "a.png"}],
+          "categories": [{"id": 1, "name": "box"}, {"id": 2, "name": "other"}],
+          "annotations": [
+              {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": rle(far)},
+              {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": rle(near)},
+              {"id": 3, "image_id": 1, "category_id": 1, "iscrowd": 1, "segmentation": rle(box(21, 35, 20, 35))},
+              {"id": 4, "image_id": 1, "category_id": 2, "iscrowd": 0, "segmentation": polygon(40, 48, 30, 40)}]}
+    base = [{"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": rle(box(21, 35, 20, 35))},
+            {"image_id": 1, "category_id": 1, "score": 0.8, "segmentation": rle(box(40, 48, 30, 40))}]
+    refined = [dict(base[0], segmentation=rle(near)), dict(base[1], segmentation=rle(box(41, 48, 30, 40)))]
+    path = lambda image_id, im: tmp_path / im["file_name"]  # noqa: E731
+    entries = {e["where"] + str(e["area_base"]): e for e in instances_gallery(gt, base, refined, path).entries()}
+    first, second = entries["a210"], entries["a80"]
+    assert first["iou_base"] == pytest.approx(100 * 14 / 15) and first["iou_crm"] == pytest.approx(100)
+    assert "iou_base" not in second  # its only overlap is a GT instance of another category
+    agnostic = instances_gallery(gt, base, refined, path, class_agnostic=True).entries()
+    second = next(e for e in agnostic if e["area_base"] == 80)
+    assert second["iou_base"] > 50  # the polygon instance of category 2, the only one it overlaps
