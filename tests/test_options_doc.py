@@ -70,6 +70,30 @@ def test_d2_defaults_are_read_without_detectron2(options_doc):
     assert "Segments smaller than this" in d2["MIN_AREA"][1]
 
 
+def test_d2_keys_read_from_source_are_those_add_crm_config_sets(options_doc, monkeypatch):
+    """Without detectron2: crm_d2/d2/config.py's `add_crm_config` run on a stand-in for detectron2's CfgNode sets
+    exactly the keys and values that the options page reads from its source (with detectron2 installed, the
+    test below checks the same on the real config)."""
+    import importlib.util
+    import sys
+    import types
+
+    class CfgNode(dict):  # the part of detectron2's CfgNode that add_crm_config uses: attribute access
+        __getattr__, __setattr__ = dict.__getitem__, dict.__setitem__
+
+    fake = types.ModuleType("detectron2.config")
+    fake.CfgNode, fake.get_cfg = CfgNode, lambda: CfgNode(MODEL=CfgNode())
+    monkeypatch.setitem(sys.modules, "detectron2", types.ModuleType("detectron2"))
+    monkeypatch.setitem(sys.modules, "detectron2.config", fake)
+    spec = importlib.util.spec_from_file_location("crm_d2_d2_config_alone", options_doc.D2_CONFIG)
+    config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config)
+    built = config.add_crm_config(fake.get_cfg()).MODEL.CRM
+    read = options_doc.d2_options()
+    assert sorted(built) == sorted(read) and len(read) > 10
+    assert all(built[k] == read[k][0] and type(built[k]) is type(read[k][0]) for k in read)
+
+
 def test_d2_keys_read_from_source_are_those_detectron2_builds(options_doc):
     pytest.importorskip("detectron2", reason="detectron2 is not installed (not on PyPI; README, Detectron2)")
     from detectron2.config import get_cfg
