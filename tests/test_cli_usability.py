@@ -1,6 +1,7 @@
 """What a new user trips over (issue 13): help, version, messages, pictures, optional detectron2, --scales auto."""
 import argparse
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -151,3 +152,19 @@ def test_read_mask_keeps_what_16_bit_and_cut_out_files_hold(tmp_path):
     empty[..., 3] = 255
     cv2.imwrite(str(tmp_path / "empty.png"), empty)
     assert not read_mask(tmp_path / "empty.png").any()
+
+
+def test_benchmark_children_run_what_the_parent_asks(tmp_path):
+    """A real run of tools/benchmark.py: each configuration's child process refines with the scales, the coarse
+    factor and the thread count given to the parent, and fast mode is compared with exact mode's output."""
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--sizes", "300x200", "--modes", "exact",
+                    "fast", "--weights", "demo", "--runs", "1", "--scales", "0.5", "1.0", "--coarse-factor", "8",
+                    "--threads", "1", "--devices", "cpu", "--json", str(out)], check=True, capture_output=True,
+                   timeout=300)
+    results = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert sorted(results) == ["exact", "fast"] and not any("error" in r for r in results.values())
+    assert all(r["threads"] == 1 and r["coarse_factor"] == 8.0 and r["hw"] == [200, 300] for r in results.values())
+    assert [s["scale"] for s in results["exact"]["stages"]] == [0.5, 1.0]
+    assert [s["scale"] for s in results["fast"]["stages"]] == [1.0]  # fast mode: the last stage only
+    assert 90 < results["fast"]["iou_vs_exact"] <= 100
