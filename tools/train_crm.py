@@ -19,6 +19,9 @@ def main(argv=None):
     gpus = argparse.ArgumentParser(add_help=False)
     gpus.add_argument("--num-gpus", type=int, default=1)
     known, rest = gpus.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        print("tools/train_crm.py: `crm-d2 train` (below) plus\n  --num-gpus N          processes, one per GPU: N > 1 "
+              "re-launches this script through torchrun (default: 1)\n")
     if known.num_gpus > 1 and "WORLD_SIZE" not in os.environ:
         return subprocess.call([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={known.num_gpus}",
                                 os.path.abspath(__file__), *rest])
