@@ -297,8 +297,8 @@ class Refiner(FastMode):
         """
         B, H, W = prob.shape
         cpu = self.device.type == "cpu"
-        if cpu:
-            rows = max(1, CPU_CHUNK_QUERIES // (B * W))
+        if cpu:  # chunks of at most CPU_CHUNK_QUERIES, and at least one per core where there are the rows
+            rows = max(1, min(CPU_CHUNK_QUERIES // (B * W), -(-H // torch.get_num_threads())))
         else:
             rows = max(1, self.memory_budget // (B * W * (2 * self.model.cfg.hidden + 16) * 4))
         qy, qx = queries or (make_coord(H, prob.device), make_coord(W, prob.device))

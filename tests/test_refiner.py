@@ -68,8 +68,8 @@ def test_cpu_decoder_blocking_and_plain_path_agree(refiner, scene, monkeypatch, 
 
 def test_cpu_decoder_shares_chunks_among_cores_with_serial_results(refiner, scene, monkeypatch, tol):
     """With several torch threads the CPU decoder runs its chunks on one worker per core (`per_core`), each
-    chunk on one thread; the probabilities are those of a one-thread run (to float rounding: the encoder's
-    products split differently with two threads)."""
+    chunk on one thread, and cuts a small grid into a chunk per core; the probabilities are those of a
+    one-thread run (to float rounding: the encoder's products split differently with two threads)."""
     import threading
 
     from crm_d2.model import CRM
@@ -80,7 +80,6 @@ def test_cpu_decoder_shares_chunks_among_cores_with_serial_results(refiner, scen
     real, threads = CRM._ensemble_cpu, []
     monkeypatch.setattr(CRM, "_ensemble_cpu",
                         lambda *a: threads.append((threading.get_ident(), torch.get_num_threads())) or real(*a))
-    monkeypatch.setattr("crm_d2.refiner.CPU_CHUNK_QUERIES", 2000)  # several chunks on the small scene
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
