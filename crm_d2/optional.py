@@ -12,3 +12,21 @@ def require_detectron2(script):
     Only an absent package is caught: a detectron2 that is installed but fails to import shows its own error."""
     if importlib.util.find_spec("detectron2") is None:
         sys.exit(f"{script} needs detectron2: {DETECTRON2_HINT}")
+
+
+def dependency_versions():
+    """["python 3.11.7", "torch 2.13.0", ...]: Python and what the installed crm_d2 declares (install_requires and
+    the test extra), at the installed versions. The header of every test log and CI's record of what it ran on."""
+    import platform
+    import re
+    from importlib import metadata
+
+    declared = [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in metadata.requires("crm_d2") or []
+                if "extra" not in r or 'extra == "test"' in r]
+    found = [f"python {platform.python_version()}"]
+    for dist in declared:
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{dist} (not installed)")
+    return found

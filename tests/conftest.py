@@ -3,7 +3,6 @@ takes the `device` fixture (the refiner, panoptic/instance refinement, training,
 the tests that compare with the CPU path compare the CUDA result with the CPU one. The default is CPU: nothing is
 skipped, nothing changes. Those tests carry the `device` marker (`pytest -m device` selects them)."""
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -56,19 +55,9 @@ def pytest_sessionstart(session):
 
 
 def _header_lines(config):
-    from importlib import metadata
+    from crm_d2.optional import dependency_versions
 
-    import re
-
-    # what setup.py declares (install_requires and the test extra), as the installed crm_d2 says it
-    declared = [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in metadata.requires("crm_d2") or []
-                if "extra" not in r or 'extra == "test"' in r]
-    found = [f"python {sys.version.split()[0]}"]
-    for dist in declared:
-        try:
-            found.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{dist} (not found)")
+    found = dependency_versions()
     device = config.getoption("--device")
     if device != "cpu":
         device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
