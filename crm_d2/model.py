@@ -410,6 +410,15 @@ def axis_neighbours(q, n_feat, offset=0, n_local=None):
 
 
 # ----------------------------------------------------------------------------------------------- model
+def ensemble_weights(area_y, area_x):
+    """LIIF's local ensemble weights from the neighbours' |rel| per row (2 x R) and per column (2 x C): each
+    neighbour's weight is the area of the diagonally opposite one, as R x 2 x 2 x C (row shift, column shift), and
+    their sum R x C (with the release's 1e-9 per neighbour)."""
+    opposite = area_y.flip(0).t()[:, :, None, None] * area_x.flip(0)[None, None] + 1e-9
+    total = (area_y[0] + area_y[1])[:, None] * (area_x[0] + area_x[1])[None] + 4e-9
+    return opposite, total
+
+
 class CRM(nn.Module):
     def __init__(self, cfg=None):
         super().__init__()
@@ -620,6 +629,7 @@ class CRM(nn.Module):
         row term added at the feature grid's width, and shared by both column shifts; each logit is accumulated
         into the blend as soon as it exists. Same sums as `_blend`, other order."""
         (iy, row_term, area_y), (ix, col_term, area_x) = rows, cols
+        opposite, total = ensemble_weights(area_y, area_x)
         out = None
         for a in (0, 1):
             by_row = proj[:, iy[a]]  # B x R x Wf x hidden
@@ -628,9 +638,7 @@ class CRM(nn.Module):
                 h = by_row[:, :, ix[b]]  # B x R x C x hidden: gathered 32-d projections
                 h += col_term[b][None, None]
                 logit = self._mlp_tail(h)
-                weight = area_y[1 - a][:, None] * area_x[1 - b][None] + 1e-9  # the opposite neighbour's area
-                out = logit.mul_(weight) if out is None else out.addcmul_(logit, weight)
-        total = (area_y[0] + area_y[1])[:, None] * (area_x[0] + area_x[1])[None] + 4e-9
+                out = logit.mul_(opposite[:, a, b]) if out is None else out.addcmul_(logit, opposite[:, a, b])
         return out.div_(total)
 
     def _ensemble_cpu(self, proj, rows, cols):
@@ -650,8 +658,7 @@ class CRM(nn.Module):
         R, C = iy.shape[1], ix.shape[1]
         if B * R * C == 0:
             return self._ensemble_plain(proj, rows, cols)
-        layers = self.imnet.layers
-        last = layers[len(layers) - 1]
+        last = self.imnet.layers[-1]
         col = col_term.reshape(2 * C * K)
         block = CPU_BLOCK_BYTES // (4 * K)  # MLP rows per layer call
         step = min(R, max(1, block // (4 * C)))  # query rows per block
@@ -676,23 +683,22 @@ class CRM(nn.Module):
                 add_relu_(h.view(-1, 2 * C * K), col)
                 out = logits[b, r0 : r0 + n].view(-1)
                 for s in range(0, m, size):
-                    z = h[s : s + size]
-                    for i in range(2, len(layers) - 1, 2):
-                        z = linear_relu(z, layers[i])
-                    torch.mv(z, last.weight[0], out=out[s : s + size])
+                    torch.mv(self._hidden(h[s : s + size]), last.weight[0], out=out[s : s + size])
         logits += last.bias
-        opposite = area_y.flip(0).t().reshape(R, 2, 1, 1) * area_x.flip(0).reshape(1, 1, 2, C) + 1e-9
-        total = (area_y[0] + area_y[1])[:, None] * (area_x[0] + area_x[1])[None] + 4e-9
+        opposite, total = ensemble_weights(area_y, area_x)
         return (logits * opposite.reshape(R, 4, C)).sum(2).div_(total)
 
     def _mlp_tail(self, h):
+        """The MLP after its first layer's product: ReLU, the hidden layers, the output layer -> logits."""
+        last = self.imnet.layers[-1]
+        return F.linear(self._hidden(h.relu_()), last.weight, last.bias)[..., 0]
+
+    def _hidden(self, h):
+        """The MLP's hidden layers after the first, each with its ReLU (`linear_relu`: fused on the CPU)."""
         layers = self.imnet.layers
-        h = h.relu_()
-        for i in range(2, len(layers), 2):
-            h = F.linear(h, layers[i].weight, layers[i].bias)
-            if i + 1 < len(layers):
-                h = h.relu_()
-        return h[..., 0]
+        for i in range(2, len(layers) - 1, 2):
+            h = linear_relu(h, layers[i])
+        return h
 
     def decode_points(self, proj, qy, qx, cell):
         """Logits at B x N scattered query points (qy, qx: B x N coordinates in (-1, 1)), for training losses
