@@ -28,7 +28,7 @@ class FastOptions:
     band: full-resolution pixels on each side of the boundary (and of undecided pixels) that are decoded again;
     unsettled: a probability in (u, 1 - u), in the input mask or a previous stage, counts as undecided;
     tile/halo: the encoder runs on tiles of this many stage pixels that touch the band (neighbours in a row as
-    one crop), with this much context around them;
+    one crop, cut to the band's part of them), with this much context around them;
     band_from: stages at or above this scale are banded; lower ones (a stage capped by `max_side`, or the low
     stages of a full schedule) run densely, as they are cheap;
     coarse_band: a banded stage with no stage before it takes its band around the coarse mask's boundary, this
@@ -125,29 +125,32 @@ class FastMode:
         for y0 in range(0, E[0], opt.tile):
             y1 = min(E[0], y0 + opt.tile)
             starts = [x0 for x0 in range(0, E[1], opt.tile) if band[y0:y1, x0 : x0 + opt.tile].any()]
-            # Neighbouring band tiles of a row are encoded as one crop: one halo per run, not per tile.
+            # Neighbouring band tiles of a row are encoded as one crop: one halo per run, not per tile. The crop
+            # is the box of the run's strips (BAND_BLOCK-aligned, so even) plus the halo, not the whole tiles:
+            # a boundary that crosses a tile takes a fraction of its rows or columns.
             for run in _runs(starts, opt.tile):
-                xa, xb = run[0], min(E[1], run[-1] + opt.tile)
-                cy0, cx0 = max(0, y0 - opt.halo), max(0, xa - opt.halo)
-                cy1, cx1 = min(E[0], y1 + opt.halo), min(E[1], xb + opt.halo)
+                run_strips = [st for x0 in run for st in band_strips(band, y0, y1, x0, min(E[1], x0 + opt.tile))]
+                ya, yb = min(st[0] for st in run_strips), max(st[1] for st in run_strips)
+                xa, xb = min(st[2] for st in run_strips), max(st[3] for st in run_strips)
+                cy0, cx0 = max(0, ya - opt.halo), max(0, xa - opt.halo)
+                cy1, cx1 = min(E[0], yb + opt.halo), min(E[1], xb + opt.halo)
                 x = torch.cat((im_s[..., cy0:cy1, cx0:cx1], seg_s[..., cy0:cy1, cx0:cx1]), 1)
                 t = self._clock()
                 proj = self._project(x)
                 t_enc, tiles = t_enc + self._clock() - t, tiles + len(run)
-                # The query terms of the run's rows and columns once; each strip takes its slices.
-                ry0, rx0 = y0 * D[0] // E[0], xa * D[1] // E[1]
-                rows, cols = self.model.query_terms(proj, qy_all[ry0 : y1 * D[0] // E[0]],
+                # The query terms of the box's rows and columns once; each strip takes its slices.
+                ry0, rx0 = ya * D[0] // E[0], xa * D[1] // E[1]
+                rows, cols = self.model.query_terms(proj, qy_all[ry0 : yb * D[0] // E[0]],
                                                     qx_all[rx0 : xb * D[1] // E[1]], cell, feat_grid=(Hf, Wf),
                                                     offset=(cy0 // 2, cx0 // 2))
-                for x0 in run:
-                    for by0, by1, bx0, bx1 in band_strips(band, y0, y1, x0, min(E[1], x0 + opt.tile)):
-                        dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
-                        dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
-                        logits = self._logits(proj, [t[:, dy0 - ry0 : dy1 - ry0] for t in rows],
-                                              [t[:, dx0 - rx0 : dx1 - rx0] for t in cols], prior,
-                                              (slice(dy0, dy1), slice(dx0, dx1)))
-                        prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
-                        strips.append((dy0, dy1, dx0, dx1))
+                for by0, by1, bx0, bx1 in run_strips:
+                    dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
+                    dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
+                    logits = self._logits(proj, [t[:, dy0 - ry0 : dy1 - ry0] for t in rows],
+                                          [t[:, dx0 - rx0 : dx1 - rx0] for t in cols], prior,
+                                          (slice(dy0, dy1), slice(dx0, dx1)))
+                    prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
+                    strips.append((dy0, dy1, dx0, dx1))
         if self.model.cfg.pixel_head:
             prob = self._pixel_head_strips(prob, image, prior, strips)
         return prob, t_enc, tiles

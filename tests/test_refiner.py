@@ -364,6 +364,26 @@ def test_fast_mode_with_one_scale_refines_a_band_around_the_coarse_mask(refiner,
     assert np.abs(out - disc)[dist < 3].max() > 0.05
 
 
+def test_fast_mode_encodes_the_bands_part_of_a_tile_not_the_whole_tile(refiner):
+    """A straight boundary across a row of tiles: the encoder's crops take the band's rows (two 32-row strips)
+    plus the halo, not the tiles' 128 rows; the band is decoded and the rest keeps the coarse mask."""
+    from crm_d2.fast import FastOptions
+
+    mask = np.zeros((256, 320), bool)
+    mask[:128] = True  # padded by 32: the boundary is at grid row 160, inside the tile row 128..256
+    img = np.random.default_rng(2).integers(0, 255, (256, 320, 3)).astype(np.uint8)
+    refiner.scales, refiner.mode = (1.0,), "fast"
+    refiner.fast = FastOptions(band=4, coarse_band=0.0, tile=128, halo=16)
+    crops, project = [], refiner._project
+    refiner._project = lambda x: crops.append(tuple(x.shape[-2:])) or project(x)
+    out = refiner.refine(img, mask)
+    assert crops and all(h <= 2 * 32 + 2 * 16 < 128 + 2 * 16 for h, _ in crops), crops
+    assert sum(w for _, w in crops) >= 320  # every column of the boundary is encoded
+    assert np.abs(out - mask)[120:136].max() > 0.05
+    keep = np.r_[0:90, 165:256]  # the grid rows outside the two strips (96..160 in the image)
+    assert np.array_equal(out[keep], mask[keep].astype(np.float32))
+
+
 def test_amp_encoder_is_close_to_fp32(refiner, scene):
     img, _, coarse = scene
     fp32 = cpu_twin(refiner).refine(img, coarse)  # the CPU's fp32 result
