@@ -272,9 +272,18 @@ def instances_gallery(gt, base_results, crm_results, image_path, size=GALLERY_SI
     for r in crm_results:
         refined_by_key.setdefault((r["image_id"], r["category_id"], float(r["score"])), []).append(r)
 
+    def encode(seg, im):
+        return rle_bytes(compressed_rle(seg, im["height"], im["width"], f"image {im['id']}"))
+
     def decode(seg, im):
-        rle = compressed_rle(seg, im["height"], im["width"], f"image {im['id']}")
-        return mask_utils.decode(rle_bytes(rle)).astype(bool)
+        return mask_utils.decode(encode(seg, im)).astype(bool)
+
+    gt_rles = {}  # id(annotation) -> its RLE: each GT instance is encoded once, however many entries rank it
+
+    def gt_rle(a, im):
+        if id(a) not in gt_rles:
+            gt_rles[id(a)] = encode(a["segmentation"], im)
+        return gt_rles[id(a)]
 
     photo, photo_id = None, None  # the current image's photo only: a gallery entry is made when it is offered
     for res in base_results:
@@ -302,11 +311,10 @@ def instances_gallery(gt, base_results, crm_results, image_path, size=GALLERY_SI
             candidates = [a for a in gt_by_image.get(res["image_id"], []) if not a.get("iscrowd", 0)
                           and (class_agnostic or a["category_id"] == res["category_id"])]
             if candidates:
-                rles = [rle_bytes(compressed_rle(a["segmentation"], im["height"], im["width"], f"image {im['id']}"))
-                        for a in candidates]
+                rles = [gt_rle(a, im) for a in candidates]
                 ious = np.asarray(mask_utils.iou(rles, masks, [0] * len(masks))).reshape(len(rles), -1).max(1)
                 if ious.max() > 0.5:
-                    g = decode(candidates[int(ious.argmax())]["segmentation"], im)
+                    g = mask_utils.decode(rles[int(ious.argmax())]).astype(bool)
             category = "entity" if class_agnostic else names.get(res["category_id"], res["category_id"])
             return segment_entry(photo(), b, r, g, category, Path(im.get("file_name", str(res["image_id"]))).stem)
 
