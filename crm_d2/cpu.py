@@ -81,9 +81,9 @@ def per_core(fn, items):
     own threads, every product splits its block across the cores and waits for the slowest; a 2K decode took
     1.0-1.6 s and varied from run to run. With a whole block per core, nothing waits and a core's block stays in
     its own cache: 0.8-1.0 s (docs/benchmark.md, "Third pass"). Each item runs the same ops on one thread (a 2K
-    decode gave the same bits as a serial one). The caller's grad and inference modes hold in the workers; items must
-    not depend on each other. Exceptions reach the caller; on an error or an interrupt, items not yet started
-    are dropped. Without per-thread counts (`thread_counts_are_per_thread`) the items run in turn."""
+    decode gave the same bits as a serial one). The caller's grad and inference modes and its CPU autocast hold in
+    the workers (they are per thread in torch); items must not depend on each other. Exceptions reach the caller;
+    on an error or an interrupt, items not yet started are dropped. Without per-thread counts (`thread_counts_are_per_thread`) the items run in turn."""
     items = list(items)
     threads = torch.get_num_threads()
     if threads <= 1 or len(items) <= 1 or not thread_counts_are_per_thread():
@@ -91,9 +91,11 @@ def per_core(fn, items):
             fn(item)
         return
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    amp, amp_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
 
     def call(item):
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                torch.autocast("cpu", dtype=amp_dtype, enabled=amp):
             fn(item)
 
     pool = ThreadPoolExecutor(min(threads, len(items)), initializer=torch.set_num_threads, initargs=(1,))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cpu import per_core, thread_counts_are_per_thread
 from .inputs import PAD, resize, resize_sources
 from .model import make_coord
 from .schedule import stage_scales
@@ -121,7 +122,7 @@ class FastMode:
         band = (F.interpolate(band[None, None].float(), size=E, mode="nearest")[0, 0] > 0).cpu()
         Hf, Wf = (E[0] + 1) // 2, (E[1] + 1) // 2
         qy_all, qx_all = make_coord(D[0], prob.device), make_coord(D[1], prob.device)
-        t_enc, tiles, strips = 0.0, 0, []
+        crops = []
         for y0 in range(0, E[0], opt.tile):
             y1 = min(E[0], y0 + opt.tile)
             starts = [x0 for x0 in range(0, E[1], opt.tile) if band[y0:y1, x0 : x0 + opt.tile].any()]
@@ -129,28 +130,46 @@ class FastMode:
             # is the box of the run's strips (BAND_BLOCK-aligned, so even) plus the halo, not the whole tiles:
             # a boundary that crosses a tile takes a fraction of its rows or columns.
             for run in _runs(starts, opt.tile):
-                run_strips = [st for x0 in run for st in band_strips(band, y0, y1, x0, min(E[1], x0 + opt.tile))]
-                ya, yb = min(st[0] for st in run_strips), max(st[1] for st in run_strips)
-                xa, xb = min(st[2] for st in run_strips), max(st[3] for st in run_strips)
-                cy0, cx0 = max(0, ya - opt.halo), max(0, xa - opt.halo)
-                cy1, cx1 = min(E[0], yb + opt.halo), min(E[1], xb + opt.halo)
-                x = torch.cat((im_s[..., cy0:cy1, cx0:cx1], seg_s[..., cy0:cy1, cx0:cx1]), 1)
-                t = self._clock()
-                proj = self._project(x)
-                t_enc, tiles = t_enc + self._clock() - t, tiles + len(run)
-                # The query terms of the box's rows and columns once; each strip takes its slices.
-                ry0, rx0 = ya * D[0] // E[0], xa * D[1] // E[1]
-                rows, cols = self.model.query_terms(proj, qy_all[ry0 : yb * D[0] // E[0]],
-                                                    qx_all[rx0 : xb * D[1] // E[1]], cell, feat_grid=(Hf, Wf),
-                                                    offset=(cy0 // 2, cx0 // 2))
-                for by0, by1, bx0, bx1 in run_strips:
-                    dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
-                    dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
-                    logits = self._logits(proj, [t[:, dy0 - ry0 : dy1 - ry0] for t in rows],
-                                          [t[:, dx0 - rx0 : dx1 - rx0] for t in cols], prior,
-                                          (slice(dy0, dy1), slice(dx0, dx1)))
-                    prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
-                    strips.append((dy0, dy1, dx0, dx1))
+                strips_of_run = [st for x0 in run for st in band_strips(band, y0, y1, x0, min(E[1], x0 + opt.tile))]
+                crops.append((len(run), strips_of_run))
+        enc_times, strips = [], []
+
+        def refine_crop(crop):
+            run_strips = crop[1]
+            ya, yb = min(st[0] for st in run_strips), max(st[1] for st in run_strips)
+            xa, xb = min(st[2] for st in run_strips), max(st[3] for st in run_strips)
+            cy0, cx0 = max(0, ya - opt.halo), max(0, xa - opt.halo)
+            cy1, cx1 = min(E[0], yb + opt.halo), min(E[1], xb + opt.halo)
+            x = torch.cat((im_s[..., cy0:cy1, cx0:cx1], seg_s[..., cy0:cy1, cx0:cx1]), 1)
+            started = self._clock()
+            proj = self._project(x)
+            enc_times.append(self._clock() - started)
+            # The query terms of the box's rows and columns once; each strip takes its slices.
+            ry0, rx0 = ya * D[0] // E[0], xa * D[1] // E[1]
+            rows, cols = self.model.query_terms(proj, qy_all[ry0 : yb * D[0] // E[0]],
+                                                qx_all[rx0 : xb * D[1] // E[1]], cell, feat_grid=(Hf, Wf),
+                                                offset=(cy0 // 2, cx0 // 2))
+            for by0, by1, bx0, bx1 in run_strips:  # strips of different crops do not overlap
+                dy0, dy1 = by0 * D[0] // E[0], by1 * D[0] // E[0]
+                dx0, dx1 = bx0 * D[1] // E[1], bx1 * D[1] // E[1]
+                logits = self._logits(proj, [t[:, dy0 - ry0 : dy1 - ry0] for t in rows],
+                                      [t[:, dx0 - rx0 : dx1 - rx0] for t in cols], prior,
+                                      (slice(dy0, dy1), slice(dx0, dx1)))
+                prob[:, dy0:dy1, dx0:dx1] = torch.sigmoid(logits)
+                strips.append((dy0, dy1, dx0, dx1))
+
+        # On the CPU each core takes whole crops, one intra-op thread each (`per_core`): a crop's products are
+        # small, and split across the cores they wait for each other (fast mode at 2K: 5-7 % faster,
+        # docs/benchmark.md, "Fifth pass").
+        workers = 1
+        if self.device.type == "cpu":
+            if thread_counts_are_per_thread():  # else `per_core` runs the crops in turn
+                workers = max(1, min(torch.get_num_threads(), len(crops)))
+            per_core(refine_crop, crops)
+        else:
+            for crop in crops:
+                refine_crop(crop)
+        t_enc, tiles = sum(enc_times) / workers, sum(c[0] for c in crops)  # encoder seconds per core
         if self.model.cfg.pixel_head:
             prob = self._pixel_head_strips(prob, image, prior, strips)
         return prob, t_enc, tiles

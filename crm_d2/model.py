@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import add_relu_, fused_linear, linear_relu
+from .cpu import add_relu_, fused_linear, linear_relu, per_core
 from .inputs import resize_sources
 from .kernels import checked_fused_ensemble, fused_decoder_available
 
@@ -468,34 +468,60 @@ class CRM(nn.Module):
         """
         n = self.aspp_
         x = x.contiguous(memory_format=torch.channels_last)
-        b1, b2, b3 = self.branches(x, trunk_budget)
+        stem, b2, b3 = self.branches(x, trunk_budget)
         B, Hf, Wf = x.shape[0], (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
         out = x.new_empty(B, Hf, Wf, self.cfg.hidden)
         w = self.imnet.layers[0].weight[:, : self.cfg.feat_dim]
         w1, w2, w3, bias = n.folded_fusion_parts()
-        up2, up3 = UpsampledConv(b2, w2, (Hf, Wf)), UpsampledConv(b3, w3, (Hf, Wf))
-        cap = min(budget, FUSION_SLAB_BYTES) if x.device.type == "cpu" else budget  # glibc's threshold: CPU only
+        cpu = x.device.type == "cpu"
+        cap = min(budget, FUSION_SLAB_BYTES) if cpu else budget  # glibc's threshold: CPU only
         rows = max(1, cap // (B * Wf * self.cfg.feat_dim * 4 * 3))
-        for r0 in range(0, Hf, rows):
-            r1 = min(Hf, r0 + rows)
-            lo, hi = max(0, r0 - 1), min(Hf, r1 + 1)
-            part1 = self._stem_branch_rows(x, lo, hi) if b1 is None else b1[:, :, lo:hi]
-            if lo > r0 - 1 or hi < r1 + 1:  # zero rows where the slab meets the map's edge: the conv's own padding
-                part1 = F.pad(part1, (0, 0, lo - (r0 - 1), (r1 + 1) - hi))
-            pre = F.conv2d(part1.contiguous(memory_format=torch.channels_last), w1, bias, padding=(0, 1))
-            up2.add_rows(pre, r0)
-            up3.add_rows(pre, r0)
-            out[:, r0:r1] = torch.einsum("bchw,kc->bhwk", pre.relu_(), w)
+        # On the CPU, a map of two slabs or more per core is fused as one row range per core (`per_core`): the
+        # slabs' products are small and their passes memory-bound, so a core on its own rows waits for no other
+        # (a 2K exact refine 1-6 % faster, docs/benchmark.md); fast mode's small crops gain nothing and stay serial.
+        # Slabs shrink so that all those in flight keep under `cap`.
+        threads = torch.get_num_threads()
+        workers = threads if cpu and Hf >= 2 * threads * rows else 1
+        autocast = torch.is_autocast_enabled(x.device.type)  # the product is then bfloat16, `out` float32
+        rows = max(1, rows // workers)
+
+        def fuse(part):
+            up2, up3 = UpsampledConv(b2, w2, (Hf, Wf)), UpsampledConv(b3, w3, (Hf, Wf))
+            for r0 in range(part[0], part[1], rows):
+                r1 = min(part[1], r0 + rows)
+                lo, hi = max(0, r0 - 1), min(Hf, r1 + 1)
+                if stem is None:
+                    part1 = self._stem_branch_rows(x, lo, hi)
+                else:
+                    part1 = n.folded_branch(stem[:, :, lo:hi], n.aspp1_128, n.bn1_128)
+                if lo > r0 - 1 or hi < r1 + 1:  # zero rows where the slab meets the map's edge: the conv's padding
+                    part1 = F.pad(part1, (0, 0, lo - (r0 - 1), (r1 + 1) - hi))
+                pre = F.conv2d(part1.contiguous(memory_format=torch.channels_last), w1, bias, padding=(0, 1))
+                up2.add_rows(pre, r0)
+                up3.add_rows(pre, r0)
+                rows_out = out[:, r0:r1]
+                if rows_out.is_contiguous() and not autocast:  # one image: the product is written in place
+                    torch.matmul(pre.relu_().permute(0, 2, 3, 1), w.t(), out=rows_out)
+                else:
+                    rows_out.copy_(torch.matmul(pre.relu_().permute(0, 2, 3, 1), w.t()))
+
+        bounds = [Hf * k // workers for k in range(workers + 1)]
+        parts = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+        per_core(fuse, parts)
         return out
 
     def branches(self, x, budget=None):
-        """The neck's three 1x1 branches of the trunk (inference), row tile by row tile when needed.
+        """The stem's map and the neck's 1x1 branches of the two deeper levels (inference), row tile by row tile
+        when needed.
 
-        Each level is reduced by its branch and freed as soon as it has been used. If the trunk's activations
+        The stride-2 branch is applied to the stem's map slab by slab in `encode_projected`, where its rows are
+        still in cache: as a whole map it is one more 4 x width bytes per stride-2 pixel, made fresh (page faults)
+        and read back from memory. Each deeper level is reduced by its branch and freed as soon as it has been
+        used. If the trunk's activations
         (about TRUNK_BYTES_PER_PX_PER_WIDTH x width bytes per input pixel) exceed `budget`, the input is cut
         into row tiles, each run with `trunk_halo()` extra rows of context on both sides, and only the tiles'
         own rows are kept: the result equals the untiled one (to float rounding), at a bounded peak. Tiled,
-        the stride-2 branch is returned as None (see below).
+        the stem's map is returned as None (see below).
         """
         B, _, H, W = x.shape
         per_row = B * W * TRUNK_BYTES_PER_PX_PER_WIDTH * self.cfg.width
@@ -514,8 +540,8 @@ class CRM(nn.Module):
                 lo, hi = a // s, -(-b // s)
                 o[:, :, lo:hi] = p[:, :, lo - c0 // s : hi - c0 // s]
             del parts
-        # The stride-2 branch is the largest map (64 bytes per input pixel for ResNet-50, 1.5 GB at 6K) and
-        # cheap to compute: it is recomputed row slab by row slab when fused (`_stem_branch_rows`).
+        # The stem's map is the largest (64 bytes per input pixel for ResNet-50, 1.5 GB at 6K) and cheap to
+        # compute: it is recomputed, with its branch, row slab by row slab when fused (`_stem_branch_rows`).
         return (None, *out)
 
     def _stem_branch_rows(self, x, lo, hi):
@@ -529,14 +555,14 @@ class CRM(nn.Module):
         return conv_bn(self.feats.conv1, self.feats.bn1, x, relu=True)
 
     def _branches(self, x, stride2=True):
-        """(b1, b2, b3); b1 is None with stride2=False (row tiles: it is recomputed per fusion slab instead)."""
+        """(stem map, b2, b3); the stem's map is None with stride2=False (row tiles: it is recomputed per fusion
+        slab instead)."""
         n, f = self.aspp_, self.feats
-        x = self._stem(x)
-        b1 = n.folded_branch(x, n.aspp1_128, n.bn1_128) if stride2 else None
-        x = run_folded(f.layer1, f.maxpool(x))
+        stem = self._stem(x)
+        x = run_folded(f.layer1, f.maxpool(stem))
         b2 = n.folded_branch(x, n.aspp1_256, n.bn1_256)
         x = run_folded(f.layer3, run_folded(f.layer2, x))
-        return b1, b2, n.folded_branch(x, n.aspp1_1024, n.bn1_1024)
+        return stem if stride2 else None, b2, n.folded_branch(x, n.aspp1_1024, n.bn1_1024)
 
     def trunk_halo(self):
         """Input rows on each side that one trunk output depends on (its receptive-field radius), with a stride

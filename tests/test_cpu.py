@@ -95,6 +95,19 @@ def test_per_core_runs_each_item_once_on_one_thread_per_worker(two_threads):
     assert all(s[3] for s in seen)
 
 
+def test_per_core_carries_the_callers_cpu_autocast_into_the_workers(two_threads):
+    """Autocast is per thread in torch: the encoder's fusion runs in per-core workers, and with `amp=True` its
+    products must still run in bfloat16 there (and in float32 without it)."""
+    dtypes = []
+    x = torch.randn(8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        per_core(lambda i: dtypes.append((torch.is_autocast_enabled("cpu"), (x @ x).dtype)), range(4))
+    assert dtypes == [(True, torch.bfloat16)] * 4
+    dtypes.clear()
+    per_core(lambda i: dtypes.append((torch.is_autocast_enabled("cpu"), (x @ x).dtype)), range(4))
+    assert dtypes == [(False, torch.float32)] * 4
+
+
 def test_per_core_is_serial_with_one_thread_one_item_or_a_shared_thread_count(two_threads, monkeypatch):
     """In the caller's thread, in order: one item, one torch thread, or a parallel backend whose thread count
     is the whole process's (a worker's set_num_threads(1) would change everybody's)."""

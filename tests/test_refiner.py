@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+import crm_d2.fast as crm_fast
 from crm_d2.inputs import PAD
 from crm_d2.metrics import iou
 from crm_d2.model import CRMConfig
@@ -382,6 +383,29 @@ def test_fast_mode_encodes_the_bands_part_of_a_tile_not_the_whole_tile(refiner):
     assert np.abs(out - mask)[120:136].max() > 0.05
     keep = np.r_[0:90, 165:256]  # the grid rows outside the two strips (96..160 in the image)
     assert np.array_equal(out[keep], mask[keep].astype(np.float32))
+
+
+def test_fast_mode_crops_on_one_worker_per_core_equal_the_serial_crops(refiner, scene, monkeypatch):
+    """On the CPU fast mode's crops run one per core (`per_core`), all writing into one probability map: the
+    result must equal the crops run in turn on one thread (each strip written once, by its own crop)."""
+    if refiner.device.type != "cpu":
+        pytest.skip("the crops' workers are the CPU's")
+    img, gt, coarse = scene
+    masks = [coarse, np.roll(gt, 5, axis=0)]
+    refiner.mode = "fast"
+    before, crops = torch.get_num_threads(), []
+    real = crm_fast.per_core
+    monkeypatch.setattr(crm_fast, "per_core", lambda fn, items: crops.append(len(items)) or real(fn, items))
+    try:
+        torch.set_num_threads(2)
+        two = refiner.refine_batch(img, masks)
+        torch.set_num_threads(1)
+        one = refiner.refine_batch(img, masks)
+    finally:
+        torch.set_num_threads(before)
+    assert crops and crops[0] > 1  # there were several crops to share
+    np.testing.assert_allclose(two, one, atol=1e-5)
+    assert np.abs(two - np.stack(masks).astype(np.float32)).max() > 0.05  # the band was refined
 
 
 def test_amp_encoder_is_close_to_fp32(refiner, scene):
