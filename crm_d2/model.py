@@ -479,9 +479,11 @@ class CRM(nn.Module):
         # On the CPU, a map of two slabs or more per core is fused as one row range per core (`per_core`): the
         # slabs' products are small and their passes memory-bound, so a core on its own rows waits for no other
         # (a 2K exact refine 1-6 % faster, docs/benchmark.md); fast mode's small crops gain nothing and stay serial.
-        # Slabs shrink so that all those in flight keep under `cap`.
+        # Slabs shrink so that all those in flight keep under `cap`. Not after a tiled trunk: each slab then
+        # recomputes its stem rows with a halo, which smaller slabs pay more often (6000x4000: 3-8 % slower, and
+        # 0.56 GB more at the peak, in the workers' malloc arenas).
         threads = torch.get_num_threads()
-        workers = threads if cpu and Hf >= 2 * threads * rows else 1
+        workers = threads if cpu and stem is not None and Hf >= 2 * threads * rows else 1
         autocast = torch.is_autocast_enabled(x.device.type)  # the product is then bfloat16, `out` float32
         rows = max(1, rows // workers)
 

@@ -169,22 +169,28 @@ def test_slab_projected_encoding_equals_full(tiny_model, device):
 
 def test_fusion_on_two_cores_takes_one_row_range_each_and_equals_the_full_form(tiny_model, monkeypatch):
     """On the CPU a map of two slabs or more per core is fused as one row range per core (`per_core`), each range
-    with its own `UpsampledConv`: the ranges meet without gaps or overlaps and the result equals the full form."""
+    with its own `UpsampledConv`: the ranges meet without gaps or overlaps and the result equals the full form.
+    After a row-tiled trunk the fusion stays serial (its slabs recompute the stem's rows)."""
     model = tiny_model.cpu().eval()
     x = torch.randn(1, 4, 75, 61)
     ranges = []
     real = crm_model.per_core
     monkeypatch.setattr(crm_model, "per_core", lambda fn, items: ranges.append(list(items)) or real(fn, ranges[-1]))
+    slabs_of_4_rows = 31 * 4 * model.cfg.feat_dim * 4 * 3
+    per_row = 61 * TRUNK_BYTES_PER_PX_PER_WIDTH * model.cfg.width
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with torch.no_grad():
             full = model.project(model.encode(x))
-            rows = model.encode_projected(x, budget=31 * 4 * model.cfg.feat_dim * 4 * 3)  # slabs of 4 rows
+            rows = model.encode_projected(x, budget=slabs_of_4_rows)
+            # After a tiled trunk the slabs recompute their stem rows: they stay serial, in one range.
+            tiled = model.encode_projected(x, slabs_of_4_rows, trunk_budget=per_row * 24)
     finally:
         torch.set_num_threads(before)
-    assert ranges == [[(0, 19), (19, 38)]]
+    assert ranges == [[(0, 19), (19, 38)], [(0, 38)]]
     assert torch.allclose(full, rows, atol=1e-4 * float(full.abs().max()))
+    assert torch.allclose(full, tiled, atol=1e-4 * float(full.abs().max()))
 
 
 @torch.no_grad()  # inference: on CUDA the fused Triton decoder, with feature offsets as fast mode uses them
