@@ -74,6 +74,12 @@ def thread_counts_are_per_thread():
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
+def core_workers():
+    """How many workers `per_core` runs its items on: torch's thread count, or 1 (in turn) where thread counts are
+    the whole process's (`thread_counts_are_per_thread`). Callers size their work items from it."""
+    return torch.get_num_threads() if thread_counts_are_per_thread() else 1
+
+
 def per_core(fn, items):
     """fn(item) for each item, on torch.get_num_threads() worker threads that run one intra-op thread each.
 
@@ -83,10 +89,11 @@ def per_core(fn, items):
     its own cache: 0.8-1.0 s (docs/benchmark.md, "Third pass"). Each item runs the same ops on one thread (a 2K
     decode gave the same bits as a serial one). The caller's grad and inference modes and its CPU autocast hold in
     the workers (they are per thread in torch); items must not depend on each other. Exceptions reach the caller;
-    on an error or an interrupt, items not yet started are dropped. Without per-thread counts (`thread_counts_are_per_thread`) the items run in turn."""
+    on an error or an interrupt, items not yet started are dropped. With one worker (`core_workers`) the items run
+    in turn, in the caller's thread."""
     items = list(items)
-    threads = torch.get_num_threads()
-    if threads <= 1 or len(items) <= 1 or not thread_counts_are_per_thread():
+    threads = core_workers()
+    if threads <= 1 or len(items) <= 1:
         for item in items:
             fn(item)
         return

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cpu import per_core, thread_counts_are_per_thread
+from .cpu import core_workers, per_core
 from .inputs import PAD, resize, resize_sources
 from .model import make_coord
 from .schedule import stage_scales
@@ -163,8 +163,7 @@ class FastMode:
         # docs/benchmark.md, "Fifth pass").
         workers = 1
         if self.device.type == "cpu":
-            if thread_counts_are_per_thread():  # else `per_core` runs the crops in turn
-                workers = max(1, min(torch.get_num_threads(), len(crops)))
+            workers = max(1, min(core_workers(), len(crops)))
             per_core(refine_crop, crops)
         else:
             for crop in crops:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import add_relu_, fused_linear, linear_relu, per_core
+from .cpu import add_relu_, core_workers, fused_linear, linear_relu, per_core
 from .inputs import resize_sources
 from .kernels import checked_fused_ensemble, fused_decoder_available
 
@@ -482,7 +482,7 @@ class CRM(nn.Module):
         # Slabs shrink so that all those in flight keep under `cap`. Not after a tiled trunk: each slab then
         # recomputes its stem rows with a halo, which smaller slabs pay more often (6000x4000: 3-8 % slower, and
         # 0.56 GB more at the peak, in the workers' malloc arenas).
-        threads = torch.get_num_threads()
+        threads = core_workers()
         workers = threads if cpu and stem is not None and Hf >= 2 * threads * rows else 1
         autocast = torch.is_autocast_enabled(x.device.type)  # the product is then bfloat16, `out` float32
         rows = max(1, rows // workers)
@@ -501,11 +501,11 @@ class CRM(nn.Module):
                 pre = F.conv2d(part1.contiguous(memory_format=torch.channels_last), w1, bias, padding=(0, 1))
                 up2.add_rows(pre, r0)
                 up3.add_rows(pre, r0)
-                rows_out = out[:, r0:r1]
+                features, rows_out = pre.relu_().permute(0, 2, 3, 1), out[:, r0:r1]
                 if rows_out.is_contiguous() and not autocast:  # one image: the product is written in place
-                    torch.matmul(pre.relu_().permute(0, 2, 3, 1), w.t(), out=rows_out)
+                    torch.matmul(features, w.t(), out=rows_out)
                 else:
-                    rows_out.copy_(torch.matmul(pre.relu_().permute(0, 2, 3, 1), w.t()))
+                    rows_out.copy_(torch.matmul(features, w.t()))
 
         bounds = [Hf * k // workers for k in range(workers + 1)]
         parts = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
@@ -535,7 +535,7 @@ class CRM(nn.Module):
         for a in range(0, H, step):
             b = min(H, a + step)
             c0, c1 = max(0, a - halo), min(H, b + halo)
-            parts = self._branches(x[:, :, c0:c1], stride2=False)[1:]
+            parts = self._branches(x[:, :, c0:c1], keep_stem=False)[1:]
             if out is None:
                 out = [p.new_empty(*p.shape[:2], -(-H // s), p.shape[-1]) for p, s in zip(parts, (4, 8))]
             for o, p, s in zip(out, parts, (4, 8)):
@@ -556,15 +556,15 @@ class CRM(nn.Module):
     def _stem(self, x):
         return conv_bn(self.feats.conv1, self.feats.bn1, x, relu=True)
 
-    def _branches(self, x, stride2=True):
-        """(stem map, b2, b3); the stem's map is None with stride2=False (row tiles: it is recomputed per fusion
+    def _branches(self, x, keep_stem=True):
+        """(stem map, b2, b3); the stem's map is None with keep_stem=False (row tiles: it is recomputed per fusion
         slab instead)."""
         n, f = self.aspp_, self.feats
         stem = self._stem(x)
         x = run_folded(f.layer1, f.maxpool(stem))
         b2 = n.folded_branch(x, n.aspp1_256, n.bn1_256)
         x = run_folded(f.layer3, run_folded(f.layer2, x))
-        return stem if stride2 else None, b2, n.folded_branch(x, n.aspp1_1024, n.bn1_1024)
+        return stem if keep_stem else None, b2, n.folded_branch(x, n.aspp1_1024, n.bn1_1024)
 
     def trunk_halo(self):
         """Input rows on each side that one trunk output depends on (its receptive-field radius), with a stride
