@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu import core_workers, per_core
-from .inputs import PAD, resize, resize_sources
+from .inputs import PAD, encoder_input, resize, resize_sources
 from .model import make_coord
 from .schedule import stage_scales
 
@@ -140,7 +140,7 @@ class FastMode:
             xa, xb = min(st[2] for st in run_strips), max(st[3] for st in run_strips)
             cy0, cx0 = max(0, ya - opt.halo), max(0, xa - opt.halo)
             cy1, cx1 = min(E[0], yb + opt.halo), min(E[1], xb + opt.halo)
-            x = torch.cat((im_s[..., cy0:cy1, cx0:cx1], seg_s[..., cy0:cy1, cx0:cx1]), 1)
+            x = encoder_input(im_s[..., cy0:cy1, cx0:cx1], seg_s[..., cy0:cy1, cx0:cx1])
             started = self._clock()
             proj = self._project(x)
             enc_times.append(self._clock() - started)

@@ -16,7 +16,7 @@ from .cpu import per_core, warm_malloc_thresholds
 from .fast import FastMode, FastOptions
 from .grabcut import GrabCut, grabcut_probs
 from .guided import EdgeSnap, snap_probs
-from .inputs import OUTPUTS, PAD, format_output, resize, to_mask_stack, to_rgb_array
+from .inputs import OUTPUTS, PAD, encoder_input, format_output, resize, to_mask_stack, to_rgb_array
 from .model import CRM, TRUNK_BYTES_PER_PX_PER_WIDTH, CRMConfig, make_coord, normalize_image
 from .schedule import (AUTO_BASE, DEFAULT_SCALES, ROI_MIN_STAGE_SIDE, RoiBox, Rounds, boundary_shift, roi_box,
                        stage_scales)
@@ -275,7 +275,7 @@ class Refiner(FastMode):
         per_item = px * TRUNK_BYTES_PER_PX_PER_WIDTH * self.model.cfg.width
         step = max(1, min(B, self._trunk_budget // per_item))
         im_s = im_s.expand(B, -1, -1, -1)
-        parts = [self._project(torch.cat((im_s[i : i + step], seg_s[i : i + step]), 1)) for i in range(0, B, step)]
+        parts = [self._project(encoder_input(im_s[i : i + step], seg_s[i : i + step])) for i in range(0, B, step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _project(self, x):

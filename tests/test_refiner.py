@@ -295,6 +295,21 @@ def test_resize_positions_are_where_interpolate_samples():
     sampled = F.interpolate(ramp.view(1, 1, -1), size=n_out, mode="linear", align_corners=True).view(-1)
     assert torch.allclose(resize_positions(n_out, n_in), sampled, atol=1e-6)
 
+
+def test_encoder_input_is_the_concatenation_already_in_the_encoders_layout():
+    """Image and mask are written into one channels_last map, which the encoder then takes without a copy (at 4K
+    the concatenation and its converted copy were two 139 MB maps, a 4K exact refine 4-5 % slower for them)."""
+    import torch
+
+    from crm_d2.inputs import encoder_input
+
+    image = torch.randn(2, 3, 9, 7).expand(2, -1, -1, -1)
+    mask = torch.rand(2, 1, 9, 7)
+    x = encoder_input(image[:, :, 1:8], mask[:, :, 1:8])  # crops, as fast mode passes them
+    assert torch.equal(x, torch.cat((image[:, :, 1:8], mask[:, :, 1:8]), 1))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert x.contiguous(memory_format=torch.channels_last).data_ptr() == x.data_ptr()
+
 def test_tight_memory_budget_tiles_the_trunk_and_changes_nothing(refiner, scene, monkeypatch, tol):
     img, _, coarse = scene
     a = refiner.refine(img, coarse)
