@@ -830,8 +830,14 @@ class UpsampledConv:
     def __init__(self, low, weight, size):
         self.low, self.size = low, size
         self.rows = [weight[:, :, k : k + 1].contiguous(memory_format=torch.channels_last) for k in range(3)]
-        self.i0, self.i1, self.t = interpolation_rows(low.shape[-2], size[0], low.device)
-        self.first, self.last = self.i0.tolist(), self.i1.tolist()
+        i0, i1, t = interpolation_rows(low.shape[-2], size[0], low.device)
+        self.first, self.last = i0.tolist(), i1.tolist()
+        # Uy with a zero row above and below (the conv's padding): rows Y + dy of Uy are rows Y + dy + 1 here
+        H, h = size[0], low.shape[-2]
+        self.uy = torch.zeros(H + 2, h, dtype=torch.promote_types(low.dtype, torch.float32), device=low.device)
+        t, out_rows = t.to(self.uy.dtype), torch.arange(1, H + 1, device=low.device)
+        self.uy.index_put_((out_rows, i0), 1 - t, accumulate=True)
+        self.uy.index_put_((out_rows, i1), t, accumulate=True)
         self.kept = []  # pieces of T_dy that the next slab may share (`bands`)
 
     def bands(self, ilo, ihi):
@@ -859,17 +865,11 @@ class UpsampledConv:
         acc = out.permute(0, 2, 3, 1).reshape(B, n, W * C)  # a view: out is channels_last
         if acc.data_ptr() != out.data_ptr():
             raise ValueError("UpsampledConv.add_rows needs a channels_last output")
-        dev = out.device
         pieces = self.bands(ilo, ihi)
         for k, dy in enumerate((-1, 0, 1)):
-            rows = torch.arange(r0 + dy, r0 + n + dy, device=dev)
-            inside = ((rows >= 0) & (rows < H)).to(out.dtype)
-            rows = rows.clamp_(0, H - 1)
-            a0, a1, at = self.i0[rows] - ilo, self.i1[rows] - ilo, self.t[rows].to(out.dtype)
-            mix = out.new_zeros(n, ihi - ilo)  # the rows of Uy that this slab reads, shifted by dy
-            mix.index_put_((torch.arange(n, device=dev), a0), (1 - at) * inside, accumulate=True)
-            mix.index_put_((torch.arange(n, device=dev), a1), at * inside, accumulate=True)
-            first, last = a0.tolist(), a1.tolist()
+            mix = self.uy[r0 + dy + 1 : r0 + n + dy + 1, ilo:ihi]  # the rows of Uy that this slab reads, shifted by dy
+            rows = [min(max(r, 0), H - 1) for r in range(r0 + dy, r0 + n + dy)]  # shifted, clamped to the map
+            first, last = [self.first[r] - ilo for r in rows], [self.last[r] - ilo for r in rows]  # low rows read
             step = Y_MATMUL_ROWS if out.device.type == "cpu" else n  # one product per slab on a GPU: fewer launches
             for s0 in range(0, n, step):
                 s1 = min(n, s0 + step)
