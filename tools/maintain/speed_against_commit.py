@@ -50,7 +50,7 @@ from crm_d2.io import read_image, read_mask  # noqa: E402
 from crm_d2.refiner import Refiner  # noqa: E402
 from crm_d2.train.synthetic import make_scene, upscale_photo  # noqa: E402
 
-# `from crm_d2...` and `import crm_d2...` at the start of a line; strings such as the checkpoint format stay
+# `from crm_d2...` and `import crm_d2...` at the start of a line. Strings stay: a checkpoint's format is "crm_d2".
 OWN_IMPORT = re.compile(r"^(\s*)(from|import)(\s+)crm_d2\b", re.M)
 
 
