@@ -56,8 +56,6 @@ def run_one(args):
     from crm_d2.reference import make_layer4, reference_refine
     from crm_d2.inputs import option_text
     from crm_d2.refiner import Refiner
-    from crm_d2.io import read_image, read_mask
-    from crm_d2.train.synthetic import make_scene, upscale_photo
 
     torch.manual_seed(0)
     if args.threads:
@@ -71,12 +69,7 @@ def run_one(args):
         dev = with_index(args.device)
         total = torch.cuda.get_device_properties(dev).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gb * 2**30 / total), dev)
-    if args.photo:
-        image_path, mask_path = args.photo.split(os.pathsep)
-        scene = upscale_photo(read_image(image_path), read_mask(mask_path), (H, W), seed=args.seed,
-                              segmenter_side=segmenter_side)
-    else:
-        scene = make_scene((H, W), seed=args.seed, segmenter_side=segmenter_side)
+    scene = make_input((H, W), args.photo, args.seed, segmenter_side)
     mask = scene.coarse
     random = args.weights.startswith("random-")
     refiner = Refiner(weights=None if random else args.weights, allow_random=random,
@@ -144,6 +137,19 @@ def run_one(args):
         res["iou_vs_exact"] = 100 * iou(out > 0.5, ref > 0.5)
         res["mba_vs_exact"] = 100 * boundary_accuracy(out, ref > 0.5)
     print("RESULT " + json.dumps(res))
+
+
+def make_input(hw, photo, seed, segmenter_side):
+    """The generated scene of that seed, or the photo ('image:mask' paths, `photo_pairs`) upscaled to hw, with a
+    coarse mask from a segmenter whose long side is `segmenter_side` px (None: the generator's own)."""
+    from crm_d2.io import read_image, read_mask
+    from crm_d2.train.synthetic import make_scene, upscale_photo
+
+    if photo:
+        image_path, mask_path = photo.split(os.pathsep)
+        return upscale_photo(read_image(image_path), read_mask(mask_path), hw, seed=seed,
+                             segmenter_side=segmenter_side)
+    return make_scene(hw, seed=seed, segmenter_side=segmenter_side)
 
 
 def child(cfg, extra=()):

@@ -44,11 +44,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tools"))
 
-from benchmark import photo_pairs, size_arg, size_hw  # noqa: E402
+from benchmark import make_input, photo_pairs, size_arg, size_hw  # noqa: E402
 
-from crm_d2.io import read_image, read_mask  # noqa: E402
 from crm_d2.refiner import Refiner  # noqa: E402
-from crm_d2.train.synthetic import make_scene, upscale_photo  # noqa: E402
 
 # `from crm_d2...` and `import crm_d2...` at the start of a line. Strings stay: a checkpoint's format is "crm_d2".
 OWN_IMPORT = re.compile(r"^(\s*)(from|import)(\s+)crm_d2\b", re.M)
@@ -89,11 +87,10 @@ def make_inputs(args):
         H, W = size_hw(size)
         segmenter_side = max(H, W) / args.coarse_factor
         if args.scene:
-            yield "scene 0", size, make_scene((H, W), seed=0, segmenter_side=segmenter_side)
+            yield "scene 0", size, make_input((H, W), None, 0, segmenter_side)
         for pair in photos:
-            image, mask = pair.split(os.pathsep)
-            yield (f"photo {Path(image).stem} (upscaled)", size,
-                   upscale_photo(read_image(image), read_mask(mask), (H, W), seed=0, segmenter_side=segmenter_side))
+            stem = Path(pair.split(os.pathsep)[0]).stem
+            yield f"photo {stem} (upscaled)", size, make_input((H, W), pair, 0, segmenter_side)
 
 
 def timed(refiner, scene):
