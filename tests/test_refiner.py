@@ -320,6 +320,29 @@ def test_encoder_input_is_the_concatenation_already_in_the_encoders_layout(refin
     assert len(layouts) > 2 and all(layouts)
 
 
+def test_padded_inputs_are_the_release_formula_to_the_bit_and_leave_the_callers_masks_alone(refiner):
+    """The image is padded while still uint8 and the mask before it is scaled, then both are scaled in place: the
+    release's normalise-then-pad, bit for bit and in the same layout, with one fresh map each instead of five and
+    three. The masks come from the caller (a numpy view): nothing may be written into them."""
+    import torch.nn.functional as F
+
+    from crm_d2.model import normalize_image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    masks = rng.random((2, 70, 90), dtype=np.float32)
+    kept = masks.copy()
+    img_t = torch.from_numpy(image).to(refiner.device).permute(2, 0, 1)[None]  # as refine_batch makes it
+    im, seg = refiner._padded_inputs(img_t, masks)
+
+    pad = (PAD,) * 4
+    want_im = F.pad(normalize_image(img_t.float() / 255), pad, mode="reflect")
+    want_seg = F.pad(torch.from_numpy(masks).to(refiner.device)[:, None] * 2 - 1, pad, mode="reflect")
+    assert torch.equal(im, want_im) and torch.equal(seg, want_seg)
+    assert im.stride() == want_im.stride() and seg.stride() == want_seg.stride()
+    assert np.array_equal(masks, kept)
+
+
 def test_tight_memory_budget_tiles_the_trunk_and_changes_nothing(refiner, scene, monkeypatch, tol):
     img, _, coarse = scene
     a = refiner.refine(img, coarse)
