@@ -260,8 +260,9 @@ class Refiner(FastMode):
         and three of the mask; this makes one of each, and takes 15 ms instead of 85 ms at 2K (fast mode's whole
         refine is 1.2-1.5 s there; docs/benchmark.md, "Eighth pass")."""
         pad = (PAD,) * 4
-        seg = F.pad(torch.from_numpy(masks).to(self.device)[:, None], pad, mode="reflect")  # a copy: the caller's
-        im = F.pad(images, pad, mode="reflect").float().div_(255)  # masks are not written below
+        # F.pad copies, so the in-place scaling never writes into the caller's masks (a numpy view) or image
+        seg = F.pad(torch.from_numpy(masks).to(self.device)[:, None], pad, mode="reflect")
+        im = F.pad(images, pad, mode="reflect").float().div_(255)
         return normalize_image_(im), seg.mul_(2).sub_(1)
 
     def _clock(self):

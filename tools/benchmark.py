@@ -61,7 +61,6 @@ def run_one(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     H, W = size_hw(args.size)
-    segmenter_side = max(H, W) / args.coarse_factor if args.coarse_factor else None
     cuda = args.device.startswith("cuda")
     if cuda and args.gpu_memory_gb:
         from crm_d2.distributed import with_index
@@ -69,7 +68,7 @@ def run_one(args):
         dev = with_index(args.device)
         total = torch.cuda.get_device_properties(dev).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gb * 2**30 / total), dev)
-    scene = make_input((H, W), args.photo, args.seed, segmenter_side)
+    scene = make_input((H, W), args.photo, args.seed, args.coarse_factor)
     mask = scene.coarse
     random = args.weights.startswith("random-")
     refiner = Refiner(weights=None if random else args.weights, allow_random=random,
@@ -139,12 +138,13 @@ def run_one(args):
     print("RESULT " + json.dumps(res))
 
 
-def make_input(hw, photo, seed, segmenter_side):
+def make_input(hw, photo, seed, coarse_factor=None):
     """The generated scene of that seed, or the photo ('image:mask' paths, `photo_pairs`) upscaled to hw, with a
-    coarse mask from a segmenter whose long side is `segmenter_side` px (None: the generator's own)."""
+    coarse mask from a segmenter `coarse_factor` times smaller than hw (None or 0: the generator's own)."""
     from crm_d2.io import read_image, read_mask
     from crm_d2.train.synthetic import make_scene, upscale_photo
 
+    segmenter_side = max(hw) / coarse_factor if coarse_factor else None
     if photo:
         image_path, mask_path = photo.split(os.pathsep)
         return upscale_photo(read_image(image_path), read_mask(mask_path), hw, seed=seed,

@@ -84,13 +84,12 @@ def make_inputs(args):
     """(label, size, scene) for every size and input asked for."""
     photos = photo_pairs(args.photos, args.photo_count) if args.photos else []
     for size in args.sizes:
-        H, W = size_hw(size)
-        segmenter_side = max(H, W) / args.coarse_factor
+        hw = size_hw(size)
         if args.scene:
-            yield "scene 0", size, make_input((H, W), None, 0, segmenter_side)
+            yield "scene 0", size, make_input(hw, None, 0, args.coarse_factor)
         for pair in photos:
             stem = Path(pair.split(os.pathsep)[0]).stem
-            yield f"photo {stem} (upscaled)", size, make_input((H, W), pair, 0, segmenter_side)
+            yield f"photo {stem} (upscaled)", size, make_input(hw, pair, 0, args.coarse_factor)
 
 
 def timed(refiner, scene):
